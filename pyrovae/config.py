@@ -1,0 +1,148 @@
+"""Declarative configuration: what model to build (:class:`VAEConfig`) and how to fit it
+(:class:`TrainConfig`). Both validate on construction and round-trip through plain dicts
+(JSON), rejecting unknown names with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pyrovae.likelihoods import LIKELIHOODS
+from pyrovae.networks import ACTIVATIONS
+
+_Config = TypeVar("_Config", bound="_DictConfig")
+
+
+def _require_choice(field: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {field} {value!r}; valid names: {', '.join(sorted(choices))}")
+
+
+def _require_positive_int(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{field} must be a positive integer, got {value!r}")
+
+
+def _require_positive_float(field: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{field} must be a positive number, got {value!r}")
+
+
+class _DictConfig:
+    """Mixin: ``to_dict``/``from_dict`` with a clear error for unknown keys."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[_Config], values: dict[str, Any]) -> _Config:
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} option(s) {', '.join(map(repr, unknown))}; "
+                f"valid names: {', '.join(sorted(names))}"
+            )
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class VAEConfig(_DictConfig):
+    """Architecture of the built-in VAE.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of observed features D (784 for MNIST, 64 for the 8x8 digits).
+    latent_dim : int
+        Dimension L of the latent variable z.
+    hidden_sizes : tuple of int
+        Hidden widths of the encoder MLP; the decoder uses them in reverse order.
+    activation : str
+        Hidden activation, one of :data:`pyrovae.networks.ACTIVATIONS`.
+    likelihood : str
+        Observation model, one of :data:`pyrovae.likelihoods.LIKELIHOODS`.
+    image_shape : tuple of int or None
+        (height, width) when the features are an image, used for plotting.
+    """
+
+    num_features: int
+    latent_dim: int = 2
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    activation: str = "relu"
+    likelihood: str = "bernoulli"
+    image_shape: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        _require_positive_int("num_features", self.num_features)
+        _require_positive_int("latent_dim", self.latent_dim)
+        object.__setattr__(self, "hidden_sizes", tuple(self.hidden_sizes))
+        for size in self.hidden_sizes:
+            _require_positive_int("each hidden size", size)
+        _require_choice("activation", self.activation, ACTIVATIONS)
+        _require_choice("likelihood", self.likelihood, LIKELIHOODS)
+        if self.image_shape is not None:
+            shape = tuple(self.image_shape)
+            object.__setattr__(self, "image_shape", shape)
+            if len(shape) != 2 or shape[0] * shape[1] != self.num_features:
+                raise ValueError(
+                    f"image_shape {shape} does not hold num_features={self.num_features} pixels"
+                )
+
+
+@dataclass(frozen=True)
+class TrainConfig(_DictConfig):
+    """How to fit a model with stochastic variational inference.
+
+    Parameters
+    ----------
+    objective : str
+        Name in :data:`pyrovae.objectives.OBJECTIVES`: ``"trace_elbo"`` (Monte Carlo KL) or
+        ``"trace_meanfield_elbo"`` (analytic KL).
+    num_particles : int
+        Samples of z per data point per step (vectorized).
+    epochs : int
+        Passes over the training data.
+    batch_size : int
+        Data points per step.
+    learning_rate : float
+        Adam step size.
+    clip_norm : float or None
+        Clip the gradient's global 2-norm to this value; ``None`` disables clipping.
+    binarize : str
+        ``"none"``, ``"static"`` (threshold at 0.5 once) or ``"dynamic"`` (a fresh Bernoulli
+        draw of every batch, for grey-level data with a Bernoulli likelihood).
+    seed : int
+        Seeds torch, NumPy and Python's RNGs, the data order and the binarization draws.
+    device : str
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    progress : bool
+        Show a progress bar per epoch.
+    """
+
+    objective: str = "trace_elbo"
+    num_particles: int = 1
+    epochs: int = 10
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    clip_norm: float | None = None
+    binarize: str = "none"
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        from pyrovae.objectives import OBJECTIVES
+
+        _require_choice("objective", self.objective, OBJECTIVES)
+        _require_choice("binarize", self.binarize, ("none", "static", "dynamic"))
+        _require_positive_int("num_particles", self.num_particles)
+        _require_positive_int("epochs", self.epochs)
+        _require_positive_int("batch_size", self.batch_size)
+        _require_positive_float("learning_rate", self.learning_rate)
+        if self.clip_norm is not None:
+            _require_positive_float("clip_norm", self.clip_norm)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
