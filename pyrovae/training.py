@@ -118,7 +118,15 @@ def fit(vae, train, validation, config: TrainConfig) -> History:
             "seconds": time.perf_counter() - started,
         }
         history.records.append(record)
+        if config.progress:
+            tqdm.write(_describe(record, config.epochs))
     return history
+
+
+def _describe(record: dict, epochs: int) -> str:
+    valid = "" if record["valid_elbo"] is None else f", valid ELBO {record['valid_elbo']:9.3f}"
+    return (f"epoch {record['epoch']:>4}/{epochs}: train ELBO {record['train_elbo']:9.3f}{valid} "
+            f"nats/point ({record['seconds']:.2f} s)")
 
 
 def _train_epoch(loss_module, optimizer, train, config: TrainConfig, generator, epoch: int) -> float:

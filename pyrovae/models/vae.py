@@ -119,6 +119,7 @@ class VAE(nn.Module):
         self.train_config_: TrainConfig | None = None
         self.optimizer_: torch.optim.Optimizer | None = None
         self.saved_optimizer_state_: dict | None = None
+        self.metadata_: dict = {}
 
     @property
     def device(self) -> torch.device:
@@ -202,9 +203,14 @@ class VAE(nn.Module):
         per_draw = terms.log_p_obs - terms.kl if analytic_kl else terms.log_weights
         return per_draw.double().mean(0)
 
-    def save(self, path: str | Path) -> Path:
-        """Write config, parameters, optimizer state and history to one file (atomically)."""
+    def save(self, path: str | Path, metadata: dict | None = None) -> Path:
+        """Write config, parameters, optimizer state and history to one file (atomically).
+
+        ``metadata`` (plain JSON-like values, e.g. the dataset name) is stored alongside and
+        restored as ``metadata_``.
+        """
         payload = {
+            "metadata": dict(metadata or self.metadata_),
             "library_version": __version__,
             "config": self.config.to_dict(),
             "model_state": self.state_dict(),
@@ -229,4 +235,5 @@ class VAE(nn.Module):
         if payload.get("history") is not None:
             vae.history_ = History(list(payload["history"]))
         vae.saved_optimizer_state_ = payload.get("optimizer_state")
+        vae.metadata_ = dict(payload.get("metadata") or {})
         return vae
