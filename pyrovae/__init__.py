@@ -4,7 +4,7 @@ honest per-datapoint bounds on log p(x).
 
 __version__ = "0.1.0"
 
-from pyrovae.config import TrainConfig, VAEConfig  # noqa: E402
-from pyrovae.models.vae import VAE, VAEGuide, VAEModel  # noqa: E402
+from pyrovae.config import TrainConfig, VAEConfig
+from pyrovae.models.vae import VAE, VAEGuide, VAEModel
 
-__all__ = ["VAE", "VAEConfig", "VAEGuide", "VAEModel", "TrainConfig", "__version__"]
+__all__ = ["VAE", "TrainConfig", "VAEConfig", "VAEGuide", "VAEModel", "__version__"]

@@ -6,7 +6,6 @@ Every command validates its arguments before reading or writing model files.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,17 +23,24 @@ def _positive_ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, default_dataset: str | None) -> None:
-    parser.add_argument("--dataset", choices=sorted(DATASETS), default=default_dataset,
-                        help="dataset name (default: %(default)s)")
-    parser.add_argument("--data-dir", default=None,
-                        help="directory of data files (default: $PYROVAE_DATA_DIR)")
+    parser.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default=default_dataset,
+        help="dataset name (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="directory of data files (default: $PYROVAE_DATA_DIR)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arguments(train, "digits")
     train.add_argument("--likelihood", choices=sorted(LIKELIHOODS), default="bernoulli")
     train.add_argument("--latent-dim", type=int, default=2)
-    train.add_argument("--hidden", type=_positive_ints, default=(256, 256),
-                       help="encoder hidden sizes, comma-separated (decoder: reversed)")
+    train.add_argument(
+        "--hidden",
+        type=_positive_ints,
+        default=(256, 256),
+        help="encoder hidden sizes, comma-separated (decoder: reversed)",
+    )
     train.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu")
     train.add_argument("--objective", choices=sorted(OBJECTIVES), default="trace_elbo")
     train.add_argument("--particles", type=int, default=1, help="samples of z per data point")
@@ -72,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="write a PNG grid of samples from the prior")
     sample.add_argument("--model", type=Path, required=True)
     sample.add_argument("--num", type=int, default=64)
-    sample.add_argument("--kind", choices=("mean", "observation"), default="mean",
-                        help="decoder means E[x|z] or sampled observations x ~ p(x|z)")
+    sample.add_argument(
+        "--kind",
+        choices=("mean", "observation"),
+        default="mean",
+        help="decoder means E[x|z] or sampled observations x ~ p(x|z)",
+    )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", type=Path, required=True, help="PNG file to write")
     return parser
@@ -84,13 +98,24 @@ def run_train(args: argparse.Namespace) -> int:
 
     dataset = load_dataset(args.dataset, args.data_dir)
     config = VAEConfig(
-        num_features=dataset.num_features, latent_dim=args.latent_dim, hidden_sizes=args.hidden,
-        activation=args.activation, likelihood=args.likelihood, image_shape=dataset.image_shape,
+        num_features=dataset.num_features,
+        latent_dim=args.latent_dim,
+        hidden_sizes=args.hidden,
+        activation=args.activation,
+        likelihood=args.likelihood,
+        image_shape=dataset.image_shape,
     )
     train_config = TrainConfig(
-        objective=args.objective, num_particles=args.particles, epochs=args.epochs,
-        batch_size=args.batch_size, learning_rate=args.lr, clip_norm=args.clip_norm,
-        binarize=args.binarize, seed=args.seed, device=args.device, progress=not args.quiet,
+        objective=args.objective,
+        num_particles=args.particles,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        clip_norm=args.clip_norm,
+        binarize=args.binarize,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.quiet,
     )
     vae = VAE(config)
     history = vae.fit(dataset.train, dataset.valid, **train_config.to_dict())
@@ -99,9 +124,11 @@ def run_train(args: argparse.Namespace) -> int:
     history.to_jsonl(args.out / "history.jsonl")
     history.to_csv(args.out / "history.csv")
     last = history.records[-1]
-    print(f"trained {len(history)} epochs in {sum(history.column('seconds')):.1f} s; "
-          f"train ELBO {last['train_elbo']:.2f}, validation ELBO {last['valid_elbo']:.2f} "
-          f"nats per data point")
+    print(
+        f"trained {len(history)} epochs in {sum(history.column('seconds')):.1f} s; "
+        f"train ELBO {last['train_elbo']:.2f}, validation ELBO {last['valid_elbo']:.2f} "
+        f"nats per data point"
+    )
     print(f"wrote {path}, {args.out / 'history.jsonl'}, {args.out / 'history.csv'}")
     return 0
 
@@ -134,15 +161,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise SystemExit(f"error: --num-samples must be positive, got {args.num_samples}")
     vae = VAE.load(args.model, device=resolve_device(args.device))
-    data = evaluation_data(vae, _dataset_of(vae, args.dataset), args.data_dir, args.split, args.seed)
+    data = evaluation_data(
+        vae, _dataset_of(vae, args.dataset), args.data_dir, args.split, args.seed
+    )
     results = {
         "elbo_mc_kl": vae.elbo(data, num_samples=args.num_samples, seed=args.seed),
-        "elbo_analytic_kl": vae.elbo(data, num_samples=args.num_samples, seed=args.seed,
-                                     analytic_kl=True),
+        "elbo_analytic_kl": vae.elbo(
+            data, num_samples=args.num_samples, seed=args.seed, analytic_kl=True
+        ),
     }
     count = data.shape[0]
-    print(f"{args.split} split, {count} data points, {args.num_samples} draws per point "
-          f"(nats per data point, higher is better)")
+    print(
+        f"{args.split} split, {count} data points, {args.num_samples} draws per point "
+        f"(nats per data point, higher is better)"
+    )
     for name, values in results.items():
         print(f"  {name:<18} {values.mean():10.3f}  +/- {values.std() / count**0.5:.3f}")
     if args.out is not None:
@@ -158,7 +190,7 @@ def _write_columns(path: Path, columns: dict[str, list]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["index", *columns])
-        for index, row in enumerate(zip(*columns.values())):
+        for index, row in enumerate(zip(*columns.values(), strict=False)):
             writer.writerow([index, *row])
 
 

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from typing_extensions import Self
+
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.networks import ACTIVATIONS
 
@@ -37,7 +39,7 @@ class _DictConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls: type[_Config], values: dict[str, Any]) -> _Config:
+    def from_dict(cls, values: dict[str, Any]) -> Self:
         names = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:

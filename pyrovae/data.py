@@ -585,7 +585,10 @@ def load_digits(seed: int = 0) -> DatasetSplits:
     images = bunch.data.astype(np.float32) / np.float32(16.0)
     order = np.random.default_rng(seed).permutation(len(images))
     parts = np.split(order, [1297, 1297 + 250])
-    splits = {split: (images[part], bunch.target[part]) for split, part in zip(SPLIT_NAMES, parts)}
+    splits = {
+        split: (images[part], bunch.target[part])
+        for split, part in zip(SPLIT_NAMES, parts, strict=False)
+    }
     return DatasetSplits(
         name="digits",
         train=torch.from_numpy(splits["train"][0]),

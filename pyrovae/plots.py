@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 
-def image_grid(images, image_shape: tuple[int, int], num_columns: int | None = None,
-               padding: int = 1) -> np.ndarray:
+def image_grid(
+    images, image_shape: tuple[int, int], num_columns: int | None = None, padding: int = 1
+) -> np.ndarray:
     """Tile flattened images into one 2-D array, row by row, with gaps of value 0 between tiles.
 
     Parameters
@@ -29,7 +30,9 @@ def image_grid(images, image_shape: tuple[int, int], num_columns: int | None = N
     numpy.ndarray
         Array of shape (rows*(H+padding)+padding, cols*(W+padding)+padding), values in [0, 1].
     """
-    array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    array = (
+        images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    )
     height, width = image_shape
     if array.ndim != 2 or array.shape[1] != height * width:
         raise ValueError(
@@ -43,12 +46,17 @@ def image_grid(images, image_shape: tuple[int, int], num_columns: int | None = N
     for index, image in enumerate(np.clip(array, 0.0, 1.0)):
         top = padding + (index // columns) * (height + padding)
         left = padding + (index % columns) * (width + padding)
-        grid[top:top + height, left:left + width] = image.reshape(height, width)
+        grid[top : top + height, left : left + width] = image.reshape(height, width)
     return grid
 
 
-def save_image_grid(images, path: str | Path, image_shape: tuple[int, int],
-                    num_columns: int | None = None, scale: int = 4) -> Path:
+def save_image_grid(
+    images,
+    path: str | Path,
+    image_shape: tuple[int, int],
+    num_columns: int | None = None,
+    scale: int = 4,
+) -> Path:
     """Write :func:`image_grid` as a grey-scale PNG (dark strokes on white), enlarged ``scale`` times.
 
     Returns the path written.

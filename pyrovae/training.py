@@ -45,8 +45,7 @@ class History:
 
     def to_jsonl(self, path: str | Path) -> None:
         with open(path, "w") as handle:
-            for record in self.records:
-                handle.write(json.dumps(record) + "\n")
+            handle.writelines(json.dumps(record) + "\n" for record in self.records)
 
     def to_csv(self, path: str | Path) -> None:
         with open(path, "w", newline="") as handle:
@@ -125,16 +124,21 @@ def fit(vae, train, validation, config: TrainConfig) -> History:
 
 def _describe(record: dict, epochs: int) -> str:
     valid = "" if record["valid_elbo"] is None else f", valid ELBO {record['valid_elbo']:9.3f}"
-    return (f"epoch {record['epoch']:>4}/{epochs}: train ELBO {record['train_elbo']:9.3f}{valid} "
-            f"nats/point ({record['seconds']:.2f} s)")
+    return (
+        f"epoch {record['epoch']:>4}/{epochs}: train ELBO {record['train_elbo']:9.3f}{valid} "
+        f"nats/point ({record['seconds']:.2f} s)"
+    )
 
 
-def _train_epoch(loss_module, optimizer, train, config: TrainConfig, generator, epoch: int) -> float:
+def _train_epoch(
+    loss_module, optimizer, train, config: TrainConfig, generator, epoch: int
+) -> float:
     order = torch.randperm(train.shape[0], device=train.device, generator=generator)
     batches = order.split(config.batch_size)
     total = torch.zeros((), device=train.device, dtype=torch.float64)
-    bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress,
-               leave=False)
+    bar = tqdm(
+        batches, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False
+    )
     for step, index in enumerate(bar):
         batch = train[index]
         if config.binarize == "dynamic":

@@ -55,7 +55,7 @@ def random_bits(rows: int, seed: int, columns: int = 784) -> np.ndarray:
 def write_amat_splits(directory: Path, rows=(5, 3, 2)) -> dict[str, np.ndarray]:
     """Write three small synthetic binarized-MNIST ``.amat`` files; return their arrays."""
     arrays = {}
-    for seed, (split, count) in enumerate(zip(("train", "valid", "test"), rows)):
+    for seed, (split, count) in enumerate(zip(("train", "valid", "test"), rows, strict=False)):
         arrays[split] = random_bits(count, seed)
         write_amat(directory / f"binarized_mnist_{split}.amat", arrays[split])
     return arrays

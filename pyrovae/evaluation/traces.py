@@ -91,8 +91,9 @@ def _data_plate_size(trace, data_plate: str) -> int:
     return plates[data_plate]
 
 
-def _per_datapoint(log_prob: torch.Tensor, site: dict, data_dim: int, num_particles: int,
-                   nesting: int) -> torch.Tensor:
+def _per_datapoint(
+    log_prob: torch.Tensor, site: dict, data_dim: int, num_particles: int, nesting: int
+) -> torch.Tensor:
     """Reduce a site's log density to shape (K, N) by summing every plate dim but the data one."""
     if site["mask"] is not None and not isinstance(site["mask"], bool):
         log_prob = log_prob.masked_fill(~site["mask"], 0.0)
@@ -180,8 +181,10 @@ def trace_terms(
     if not isinstance(terms["log_p_obs"], torch.Tensor):
         raise ValueError("the model has no observed site: pass the data as `obs=` of a sample site")
     reference = terms["log_p_obs"]
-    terms = {name: torch.as_tensor(value).to(reference).expand_as(reference)
-             for name, value in terms.items()}
+    terms = {
+        name: torch.as_tensor(value).to(reference).expand_as(reference)
+        for name, value in terms.items()
+    }
     return ParticleTerms(**terms, all_analytic=all_analytic)
 
 
@@ -271,8 +274,15 @@ def particle_terms(
         for start, stop in chunk_bounds(length, data_chunk):
             chunk_args, chunk_kwargs = _slice_arguments(args, kwargs, length, slice(start, stop))
             parts = [
-                trace_terms(model, guide, chunk_args, chunk_kwargs, k_stop - k_start,
-                            data_plate, max_plate_nesting)
+                trace_terms(
+                    model,
+                    guide,
+                    chunk_args,
+                    chunk_kwargs,
+                    k_stop - k_start,
+                    data_plate,
+                    max_plate_nesting,
+                )
                 for k_start, k_stop in chunk_bounds(num_particles, particle_chunk)
             ]
             rows.append(ParticleTerms.concatenate(parts, dim=0))

@@ -35,7 +35,9 @@ class VAEModel(LocalParamsModule):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.latent_dim = config.latent_dim
-        self.decoder = MLP(config.latent_dim, tuple(reversed(config.hidden_sizes)), config.activation)
+        self.decoder = MLP(
+            config.latent_dim, tuple(reversed(config.hidden_sizes)), config.activation
+        )
         self.likelihood = make_likelihood(
             config.likelihood, self.decoder.out_features, config.num_features
         )
@@ -157,7 +159,9 @@ class VAE(nn.Module):
         return self.decode(self.encode(x)[0])
 
     @torch.no_grad()
-    def sample(self, num_samples: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, num_samples: int, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Draw z ~ p(z) and x ~ p(x|z).
 
         Returns
@@ -176,8 +180,14 @@ class VAE(nn.Module):
         hidden = self.model.decoder(z)
         return self.model.likelihood.mean(hidden), self.model.likelihood(hidden).sample()
 
-    def elbo(self, x, num_samples: int = 1, analytic_kl: bool = False, seed: int | None = None,
-             max_pairs: int = 2**20) -> torch.Tensor:
+    def elbo(
+        self,
+        x,
+        num_samples: int = 1,
+        analytic_kl: bool = False,
+        seed: int | None = None,
+        max_pairs: int = 2**20,
+    ) -> torch.Tensor:
         """Per-datapoint evidence lower bound, in nats (higher is better), shape (N,).
 
         Parameters
@@ -197,8 +207,13 @@ class VAE(nn.Module):
         if seed is not None:
             pyro.set_rng_seed(seed)
         terms = particle_terms(
-            self.model, self.guide, data, num_particles=num_samples, data_plate=DATA_PLATE,
-            max_pairs=max_pairs, max_plate_nesting=1,
+            self.model,
+            self.guide,
+            data,
+            num_particles=num_samples,
+            data_plate=DATA_PLATE,
+            max_pairs=max_pairs,
+            max_plate_nesting=1,
         )
         per_draw = terms.log_p_obs - terms.kl if analytic_kl else terms.log_weights
         return per_draw.double().mean(0)

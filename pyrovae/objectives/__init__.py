@@ -20,7 +20,9 @@ OBJECTIVES: dict[str, Callable[..., pyro.infer.ELBO]] = {
 ANALYTIC_KL_OBJECTIVES = frozenset({"trace_meanfield_elbo"})
 
 
-def make_objective(name: str, num_particles: int = 1, max_plate_nesting: int = 1) -> pyro.infer.ELBO:
+def make_objective(
+    name: str, num_particles: int = 1, max_plate_nesting: int = 1
+) -> pyro.infer.ELBO:
     """Build the named objective with vectorized particles.
 
     Parameters
@@ -33,7 +35,9 @@ def make_objective(name: str, num_particles: int = 1, max_plate_nesting: int = 1
         Number of nested plates in the model (1 for a plate over data points).
     """
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; valid names: {', '.join(sorted(OBJECTIVES))}")
+        raise ValueError(
+            f"unknown objective {name!r}; valid names: {', '.join(sorted(OBJECTIVES))}"
+        )
     return OBJECTIVES[name](
         num_particles=num_particles,
         vectorize_particles=True,
