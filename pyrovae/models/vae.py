@@ -14,6 +14,7 @@ from torch import nn
 from pyrovae import __version__
 from pyrovae.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from pyrovae.config import TrainConfig, VAEConfig
+from pyrovae.evaluation.importance import evaluate
 from pyrovae.evaluation.traces import particle_terms
 from pyrovae.likelihoods import make_likelihood
 from pyrovae.models.base import LocalParamsModule
@@ -217,6 +218,38 @@ class VAE(nn.Module):
         )
         per_draw = terms.log_p_obs - terms.kl if analytic_kl else terms.log_weights
         return per_draw.double().mean(0)
+
+    def evaluate(
+        self,
+        x,
+        num_samples: int = 1000,
+        ks=(1, 5, 50),
+        seed: int | None = None,
+        max_pairs: int = 2**20,
+        latent_diagnostics: bool = True,
+        progress: bool = False,
+    ):
+        """Importance-sampled log-likelihood, ELBOs and IWAE_k bounds per data point.
+
+        See :func:`pyrovae.evaluation.importance.evaluate`; this traces the same Pyro
+        model and guide that training used.
+
+        Returns
+        -------
+        pyrovae.evaluation.importance.EvaluationResult
+        """
+        return evaluate(
+            self.model,
+            self.guide,
+            self.check_data(x),
+            num_samples=num_samples,
+            ks=ks,
+            data_plate=DATA_PLATE,
+            max_pairs=max_pairs,
+            seed=seed,
+            latent_diagnostics=latent_diagnostics,
+            progress=progress,
+        )
 
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
         """Write config, parameters, optimizer state and history to one file (atomically).
