@@ -57,7 +57,7 @@ def save_image_grid(
     num_columns: int | None = None,
     scale: int = 4,
 ) -> Path:
-    """Write :func:`image_grid` as a grey-scale PNG, dark strokes on white, ``scale`` times enlarged.
+    """Write :func:`image_grid` as a PNG: dark strokes on white, ``scale`` times enlarged.
 
     Returns the path written.
     """

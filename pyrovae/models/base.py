@@ -10,9 +10,10 @@ class LocalParamsModule(PyroModule):
     """A :class:`~pyro.nn.PyroModule` that never touches Pyro's global parameter store.
 
     Construction and every call run under
-    ``pyro.settings.context(module_local_params=True)``, so the module's parameters are ordinary ``torch.nn.Parameter`` s owned by the module: two
-    models with the same attribute names live side by side in one process without
-    colliding, and the user's own global Pyro settings are left as they were.
+    ``pyro.settings.context(module_local_params=True)``, so the module's parameters are
+    ordinary ``torch.nn.Parameter`` s owned by the module: two models with the same
+    attribute names live side by side in one process without colliding, and the user's
+    own global Pyro settings are left as they were.
     """
 
     def __init__(self, name: str = ""):
