@@ -4,7 +4,8 @@ on the same model, the same K and the same data, side by side in one process.
 Variants
 --------
 traced       pyrovae's generic path: trace the Pyro model and guide (vectorized over K and
-             chunked), then log-sum-exp per data point (``particle_terms`` + ``importance_estimate``)
+             chunked), then log-sum-exp per data point
+             (``particle_terms`` + ``importance_estimate``)
 evaluate     the full ``pyrovae.evaluation.importance.evaluate`` (adds IWAE_k, both ELBOs,
              Pareto k-hat per data point; latent diagnostics off)
 handwritten  a hand-written vectorized PyTorch estimator for this VAE (same chunking)
