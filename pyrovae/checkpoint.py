@@ -38,11 +38,18 @@ def write_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp creates files as 0600
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
@@ -60,17 +67,28 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
+        reason = _last_line(error)
+        if "GLOBAL" not in str(error):
+            raise CheckpointError(f"model file {path} is truncated or corrupt: {reason}") from error
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than plain data and tensors, "
-            f"which could execute code ({error.__class__.__name__}: {str(error)[:200]})"
+            f"which could execute code ({reason})"
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(f"model file {path} is truncated or corrupt: {error}") from error
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a pyrovae model file")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
+    version = payload.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{path} has an invalid format version {version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} was written in format version {payload['format_version']}, newer than this "
+            f"{path} was written in format version {version}, newer than this "
             f"library's {FORMAT_VERSION}; upgrade pyrovae to read it"
         )
     return payload
+
+
+def _last_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else error.__class__.__name__

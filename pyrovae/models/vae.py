@@ -19,7 +19,7 @@ from pyrovae.evaluation.traces import particle_terms
 from pyrovae.likelihoods import make_likelihood
 from pyrovae.models.base import LocalParamsModule
 from pyrovae.networks import MLP, GaussianEncoder
-from pyrovae.training import History, fit
+from pyrovae.training import History, fit, resolve_device
 from pyrovae.validation import check_data
 
 DATA_PLATE = "data"
@@ -112,7 +112,7 @@ class VAE(nn.Module):
     def __init__(self, config: VAEConfig | None = None, **options):
         super().__init__()
         if config is None:
-            config = VAEConfig(**options)
+            config = VAEConfig.from_dict(options)
         elif options:
             raise TypeError("pass either a VAEConfig or keyword options, not both")
         self.config = config
@@ -269,19 +269,23 @@ class VAE(nn.Module):
         return write_checkpoint(payload, path)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> VAE:
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VAE:
         """Load a model saved by :meth:`save`; never executes code from the file."""
+        device = resolve_device(device)
         payload = read_checkpoint(path, device=device)
         try:
             vae = cls(VAEConfig.from_dict(payload["config"]))
             vae.load_state_dict(payload["model_state"])
+            if payload.get("train_config") is not None:
+                vae.train_config_ = TrainConfig.from_dict(payload["train_config"])
+            if payload.get("history") is not None:
+                vae.history_ = History([dict(record) for record in payload["history"]])
+            optimizer_state = payload.get("optimizer_state")
+            if optimizer_state is not None and not isinstance(optimizer_state, dict):
+                raise TypeError(f"optimizer state is a {type(optimizer_state).__name__}")
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{path} does not hold a compatible VAE: {error}") from error
         vae.to(device)
-        if payload.get("train_config") is not None:
-            vae.train_config_ = TrainConfig.from_dict(payload["train_config"])
-        if payload.get("history") is not None:
-            vae.history_ = History(list(payload["history"]))
         vae.saved_optimizer_state_ = payload.get("optimizer_state")
         vae.metadata_ = dict(payload.get("metadata") or {})
         return vae
