@@ -64,15 +64,13 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model file {path} does not exist")
+    _check_archive(path)
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = _last_line(error)
-        if "GLOBAL" not in str(error):
-            raise CheckpointError(f"model file {path} is truncated or corrupt: {reason}") from error
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than plain data and tensors, "
-            f"which could execute code ({reason})"
+            f"which could execute code ({_last_line(error)})"
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(f"model file {path} is truncated or corrupt: {error}") from error
@@ -87,6 +85,20 @@ def read_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
             f"library's {FORMAT_VERSION}; upgrade pyrovae to read it"
         )
     return payload
+
+
+def _check_archive(path: Path) -> None:
+    """Model files are torch zip archives; refuse anything else before unpickling a byte."""
+    if zipfile.is_zipfile(path):
+        return
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head[:1] == b"\x80":  # a bare pickle stream: never unpickled, whatever it holds
+        raise CheckpointError(
+            f"refusing to load {path}: it is a bare pickle, not a model archive, and "
+            "unpickling it could execute code"
+        )
+    raise CheckpointError(f"model file {path} is truncated or corrupt (not a complete archive)")
 
 
 def _last_line(error: Exception) -> str:
