@@ -12,6 +12,7 @@ from typing import ClassVar
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pyrovae.networks import positive_scale
 
@@ -52,6 +53,32 @@ class Likelihood(nn.Module):
         return ""
 
 
+class IndependentBernoulli(dist.Independent):
+    """Bernoulli features with logits l, one event dimension, built as
+    ``IndependentBernoulli(dist.Bernoulli(logits=l), 1)``.
+
+    ``log_prob(x) = sum_d [x_d l_d - softplus(l_d)]``, the Bernoulli log-likelihood summed over
+    features, computed as one contraction and one softplus-sum. Torch's elementwise
+    ``Bernoulli.log_prob`` followed by the event sum makes two extra full passes over the
+    (draws, data points, features) tensor; this is the same number, about twice as fast.
+    """
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        logits = self.base_dist.logits
+        return _last_axis_dot(logits, value) - F.softplus(logits).sum(-1)
+
+
+def _last_axis_dot(tensor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """sum_d tensor[..., d] * other[..., d] with broadcasting, without a full-size product when
+    ``other`` is shared across leading dims of ``tensor`` (data reused by every draw)."""
+    extra = tensor.dim() - other.dim()
+    if extra > 0 and tensor.shape[extra:] == other.shape and other.dim() >= 1:
+        rows = other.reshape(-1, other.shape[-1])
+        grouped = tensor.reshape(-1, rows.shape[0], rows.shape[1])
+        return torch.einsum("bnd,nd->bn", grouped, rows).reshape(tensor.shape[:-1])
+    return torch.einsum("...d,...d->...", tensor, other)
+
+
 class BernoulliLikelihood(Likelihood):
     """Independent Bernoulli pixels with logits from a linear head (binary data)."""
 
@@ -63,7 +90,8 @@ class BernoulliLikelihood(Likelihood):
         self.logits = nn.Linear(in_features, num_features)
 
     def forward(self, hidden: torch.Tensor) -> dist.TorchDistribution:
-        return dist.Bernoulli(logits=self.logits(hidden), validate_args=False).to_event(1)
+        base = dist.Bernoulli(logits=self.logits(hidden), validate_args=False)
+        return IndependentBernoulli(base, 1, validate_args=False)
 
     def mean(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.logits(hidden))
