@@ -40,7 +40,8 @@ def importance_estimate(log_weights: torch.Tensor):
         (Jensen), equal to IWAE_K; its bias shrinks as K grows.
     standard_error : torch.Tensor of shape (N,)
         Delta-method Monte Carlo standard error of log p_hat(x):
-        sqrt(Var(exp w) / K) / mean(exp w) = sqrt((K / ESS - 1) / (K - 1)).
+        sqrt(Var(exp w) / K) / mean(exp w) = sqrt((K / ESS - 1) / (K - 1)), with the unbiased
+        variance; computed from weights scaled by their maximum (exactly 0 for equal weights).
     ess : torch.Tensor of shape (N,)
         Kish effective sample size (sum_k exp w_k)^2 / sum_k exp(2 w_k), between 1 and K.
     """
@@ -48,7 +49,11 @@ def importance_estimate(log_weights: torch.Tensor):
     count = log_weights.shape[0]
     log_sum = torch.logsumexp(log_weights, 0)
     ess = torch.exp(2 * log_sum - torch.logsumexp(2 * log_weights, 0))
-    relative_variance = (count / ess - 1).clamp_min(0) / max(count - 1, 1)
+    scaled = torch.exp(log_weights - log_weights.max(0).values)  # in (0, 1], max exactly 1
+    if count > 1:
+        relative_variance = scaled.var(0) / (count * scaled.mean(0).square())
+    else:
+        relative_variance = torch.zeros_like(log_sum)
     return log_sum - math.log(count), relative_variance.sqrt(), ess
 
 

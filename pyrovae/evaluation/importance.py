@@ -5,7 +5,8 @@ data in chunks whose (draw, data point) pairs stay under a budget, and reduces e
 at once to per-datapoint estimates, so that memory does not grow with N:
 
 * ``log_px``: log p_hat(x) = logsumexp_k(w_k) - log K, with ``log_px_se`` (Monte Carlo
-  standard error), ``ess`` (Kish effective sample size) and ``khat`` (Pareto k-hat, PSIS);
+  standard error), ``ess`` (Kish effective sample size) and ``khat`` (Pareto k-hat, PSIS;
+  -inf when all K weights are equal, e.g. an exact posterior);
 * ``elbo``: the ELBO with Monte Carlo KL; ``elbo_analytic``: with closed-form KL where the
   guide and prior allow it (else the Monte Carlo term for that site);
 * ``iwae_<k>``: IWAE_k from disjoint groups of k of the same K draws;
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pyro
+import torch
 from tqdm.auto import tqdm
 
 from pyrovae.evaluation.arviz_compat import pareto_khat, to_arviz
@@ -39,6 +41,9 @@ from pyrovae.evaluation.traces import (
 
 KHAT_THRESHOLD = 0.7
 """Pareto k-hat above which an importance-sampled estimate is unreliable."""
+
+CONSTANT_WEIGHT_SPREAD = 1e-6
+"""Log weights of one data point spread less than this (nats) count as equal: no tail."""
 
 
 @dataclass
@@ -162,8 +167,27 @@ def _check_ks(ks: Sequence[int], num_samples: int) -> tuple[int, ...]:
     return ks
 
 
-def _reduce_chunk(terms, ks: tuple[int, ...]) -> dict[str, np.ndarray]:
+def _check_finite_weights(log_weights, offset: int) -> None:
+    bad = torch.isnan(log_weights).any(0)
+    if bool(bad.any()):
+        index = offset + int(bad.nonzero()[0])
+        raise ValueError(f"NaN log importance weight for data point {index}")
+
+
+def _khat(log_weights) -> np.ndarray:
+    """Pareto k-hat per data point; -inf where all K weights are equal (to 1e-6 nats): then
+    the weights have no tail and log p_hat(x) is exact."""
+    weights = log_weights.T.double().cpu().numpy()
+    constant = (weights.max(1) - weights.min(1)) < CONSTANT_WEIGHT_SPREAD
+    khat = np.full(weights.shape[0], -np.inf)
+    if not constant.all():
+        khat[~constant] = pareto_khat(weights[~constant])
+    return khat
+
+
+def _reduce_chunk(terms, ks: tuple[int, ...], offset: int) -> dict[str, np.ndarray]:
     log_weights = terms.log_weights
+    _check_finite_weights(log_weights, offset)
     log_px, log_px_se, ess = importance_estimate(log_weights)
     columns = {
         "log_px": log_px,
@@ -174,7 +198,7 @@ def _reduce_chunk(terms, ks: tuple[int, ...]) -> dict[str, np.ndarray]:
         **{f"iwae_{k}": iwae_bound(log_weights, k) for k in ks},
     }
     columns = {name: values.cpu().numpy() for name, values in columns.items()}
-    columns["khat"] = pareto_khat(log_weights.T.double().cpu().numpy())
+    columns["khat"] = _khat(log_weights)
     columns["gap"] = columns["log_px"] - columns["elbo"]
     return columns
 
@@ -242,7 +266,7 @@ def evaluate(
                 max_plate_nesting=nesting,
                 **chunk_kwargs,
             )
-            for name, values in _reduce_chunk(terms, ks).items():
+            for name, values in _reduce_chunk(terms, ks, offset=start).items():
                 columns.setdefault(name, []).append(values)
             bar.update(stop - start)
     per_datapoint = {name: np.concatenate(parts) for name, parts in columns.items()}

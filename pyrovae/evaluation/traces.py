@@ -190,17 +190,23 @@ def trace_terms(
 
 def _check_site_names(model_sites: dict, guide_sites: dict) -> None:
     latent = {n for n, s in model_sites.items() if not s["is_observed"]}
-    missing = sorted(latent - set(guide_sites))
+    missing, extra = sorted(latent - set(guide_sites)), sorted(set(guide_sites) - latent)
+    problems = []
     if missing:
-        raise ValueError(
-            f"the guide does not sample the model's latent site(s) {', '.join(map(repr, missing))}"
-        )
-    extra = sorted(set(guide_sites) - latent)
+        problems.append(f"the guide does not sample the model's latent site(s) {_names(missing)}")
     if extra:
-        raise ValueError(
-            f"the guide samples site(s) {', '.join(map(repr, extra))} that are not latent "
-            f"sites of the model (model latent sites: {', '.join(sorted(latent)) or 'none'})"
+        problems.append(
+            f"the guide samples site(s) {_names(extra)} that are not latent sites of the model"
         )
+    if problems:
+        raise ValueError(
+            "; ".join(problems) + f" (model latent sites: {_names(sorted(latent)) or 'none'}; "
+            f"guide sites: {_names(sorted(guide_sites)) or 'none'})"
+        )
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(map(repr, names))
 
 
 def _batched_length(args: tuple, kwargs: dict) -> int:
