@@ -69,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto")
     train.add_argument("--out", type=Path, required=True, help="output directory")
     train.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    train.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        help="write OUT/model.pt every N epochs (atomically) and at the end",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/model.pt (same settings; --epochs may grow)",
+    )
+    train.add_argument(
+        "--on-nonfinite",
+        choices=("raise", "rollback"),
+        default="raise",
+        help="on a NaN/inf loss or gradient: stop, or roll back the epoch and "
+        "halve the learning rate",
+    )
 
     evaluate = commands.add_parser(
         "evaluate", help="importance-sampled log p(x), ELBOs and IWAE bounds per data point"

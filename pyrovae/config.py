@@ -122,6 +122,17 @@ class TrainConfig(_DictConfig):
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     progress : bool
         Show a progress bar per epoch.
+    checkpoint_every : int
+        With a checkpoint path, write a checkpoint every this many epochs (and at the end).
+    on_nonfinite : str
+        What to do when a step's loss or gradient norm is NaN or infinite: ``"raise"`` (stop
+        with an error naming the epoch and step; the last checkpoint stays intact) or
+        ``"rollback"`` (restore the state at the start of the epoch, multiply the learning
+        rate by ``rollback_factor`` and repeat the epoch, at most ``max_rollbacks`` times).
+    rollback_factor : float
+        Learning-rate multiplier applied at each rollback, in (0, 1).
+    max_rollbacks : int
+        Rollbacks allowed over the whole fit before giving up with the error.
     """
 
     objective: str = "trace_elbo"
@@ -134,6 +145,10 @@ class TrainConfig(_DictConfig):
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    checkpoint_every: int = 1
+    on_nonfinite: str = "raise"
+    rollback_factor: float = 0.5
+    max_rollbacks: int = 3
 
     def __post_init__(self):
         from pyrovae.objectives import OBJECTIVES
@@ -148,3 +163,20 @@ class TrainConfig(_DictConfig):
             _require_positive_float("clip_norm", self.clip_norm)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        _require_positive_int("checkpoint_every", self.checkpoint_every)
+        _require_choice("on_nonfinite", self.on_nonfinite, ("raise", "rollback"))
+        if not 0 < self.rollback_factor < 1:
+            raise ValueError(f"rollback_factor must lie in (0, 1), got {self.rollback_factor!r}")
+        _require_positive_int("max_rollbacks", self.max_rollbacks)
+
+    def resumable_from(self, saved: TrainConfig) -> None:
+        """Raise ``ValueError`` unless a run saved with ``saved`` can continue under ``self``:
+        every setting equal except ``epochs`` (may grow), ``progress`` and ``checkpoint_every``."""
+        free = {"epochs", "progress", "checkpoint_every"}
+        differing = [
+            f"{name} ({getattr(saved, name)!r} saved, {getattr(self, name)!r} now)"
+            for name in (f.name for f in dataclasses.fields(self))
+            if name not in free and getattr(saved, name) != getattr(self, name)
+        ]
+        if differing:
+            raise ValueError("cannot resume: training settings differ: " + ", ".join(differing))

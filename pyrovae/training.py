@@ -8,9 +8,11 @@ registered in Pyro's global parameter store.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 from pyrovae.config import TrainConfig
 from pyrovae.data import binarize, threshold
 from pyrovae.objectives import ANALYTIC_KL_OBJECTIVES, make_objective
+from pyrovae.randomness import capture_rng_state, restore_rng_state
 
 HISTORY_COLUMNS = ("epoch", "train_elbo", "valid_elbo", "seconds")
 
@@ -83,10 +86,37 @@ def _binarizable(vae, x, name: str) -> torch.Tensor:
     return tensor
 
 
-def fit(vae, train, validation, config: TrainConfig) -> History:
+class NonFiniteTrainingError(FloatingPointError):
+    """A training step produced a NaN or infinite loss or gradient norm."""
+
+    def __init__(
+        self, epoch: int, step: int, num_steps: int, loss: float, grad_norm: float, advice: str = ""
+    ):
+        self.epoch, self.step, self.num_steps = epoch, step, num_steps
+        self.loss, self.grad_norm = loss, grad_norm
+        super().__init__(
+            f"non-finite training step at epoch {epoch}, step {step} of {num_steps} "
+            f"(loss per data point {loss}, gradient norm {grad_norm}). {advice}".rstrip()
+        )
+
+
+def fit(
+    vae, train, validation, config: TrainConfig, checkpoint_path=None, resume: bool = False
+) -> History:
     """Fit ``vae`` (a :class:`pyrovae.VAE`) and return its :class:`History`.
 
-    All inputs are validated before any parameter, RNG or optimizer state changes.
+    All inputs are validated, and a checkpoint to resume from is read and checked, before
+    any parameter, RNG or optimizer state changes.
+
+    Parameters
+    ----------
+    checkpoint_path : str or Path, optional
+        Write an atomic checkpoint here every ``config.checkpoint_every`` epochs and at the
+        end: parameters, optimizer state, history, and the state of every RNG stream and of
+        the data order, so that a resumed run continues bitwise as if never interrupted.
+    resume : bool
+        Continue from the checkpoint at ``checkpoint_path`` (same model and settings; a
+        larger ``epochs`` extends the run).
     """
     device = resolve_device(config.device)
     train = prepare_data(vae, train, config, "training data")
@@ -95,6 +125,7 @@ def fit(vae, train, validation, config: TrainConfig) -> History:
         raise ValueError(
             f"batch_size={config.batch_size} exceeds the {train.shape[0]} training data points"
         )
+    saved = _read_resume_checkpoint(vae, config, checkpoint_path) if resume else None
 
     pyro.set_rng_seed(config.seed)
     vae.to(device)
@@ -104,12 +135,23 @@ def fit(vae, train, validation, config: TrainConfig) -> History:
     generator = torch.Generator(device=device).manual_seed(config.seed)
     loss_module = make_objective(config.objective, config.num_particles)(vae.model, vae.guide)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
-    vae.optimizer_, vae.train_config_ = optimizer, config
     history = History()
-    vae.history_ = history
-    for epoch in range(1, config.epochs + 1):
+    first_epoch = 1 if saved is None else _restore(vae, optimizer, history, generator, saved)
+    vae.optimizer_, vae.train_config_, vae.history_ = optimizer, config, history
+    rollbacks, epoch = 0, first_epoch
+    while epoch <= config.epochs:
+        snapshot = (
+            _snapshot(vae, optimizer, generator) if config.on_nonfinite == "rollback" else None
+        )
         started = time.perf_counter()
-        train_elbo = _train_epoch(loss_module, optimizer, train, config, generator, epoch)
+        try:
+            train_elbo = _train_epoch(loss_module, optimizer, train, config, generator, epoch)
+        except NonFiniteTrainingError as error:
+            if snapshot is None or rollbacks >= config.max_rollbacks:
+                raise _explain(error, config, checkpoint_path, rollbacks) from None
+            rollbacks += 1
+            _roll_back(vae, optimizer, generator, snapshot, config.rollback_factor, error)
+            continue
         record = {
             "epoch": epoch,
             "train_elbo": train_elbo,
@@ -119,6 +161,11 @@ def fit(vae, train, validation, config: TrainConfig) -> History:
         history.records.append(record)
         if config.progress:
             tqdm.write(_describe(record, config.epochs))
+        if checkpoint_path is not None and (
+            epoch % config.checkpoint_every == 0 or epoch == config.epochs
+        ):
+            vae.save(checkpoint_path, training_state=_training_state(epoch, generator))
+        epoch += 1
     return history
 
 
@@ -130,12 +177,89 @@ def _describe(record: dict, epochs: int) -> str:
     )
 
 
-def _train_epoch(
-    loss_module, optimizer, train, config: TrainConfig, generator, epoch: int
-) -> float:
+def _training_state(epoch: int, generator: torch.Generator) -> dict:
+    return {"epoch": epoch, "rng": capture_rng_state(generator)}
+
+
+def _read_resume_checkpoint(vae, config: TrainConfig, checkpoint_path) -> dict:
+    from pyrovae.checkpoint import CheckpointError, read_checkpoint
+    from pyrovae.config import VAEConfig
+
+    if checkpoint_path is None:
+        raise ValueError("resume=True needs a checkpoint_path to resume from")
+    payload = read_checkpoint(checkpoint_path)
+    if payload.get("training_state") is None or payload.get("train_config") is None:
+        raise CheckpointError(f"{checkpoint_path} holds no training state to resume from")
+    if VAEConfig.from_dict(payload["config"]) != vae.config:
+        raise ValueError(
+            f"cannot resume: the model in {checkpoint_path} has config {payload['config']}, "
+            f"not {vae.config.to_dict()}"
+        )
+    config.resumable_from(TrainConfig.from_dict(payload["train_config"]))
+    return payload
+
+
+def _restore(vae, optimizer, history: History, generator, payload: dict) -> int:
+    """Load a resume checkpoint into the live objects; return the next epoch to run."""
+    vae.load_state_dict(payload["model_state"])
+    optimizer.load_state_dict(payload["optimizer_state"])
+    history.records.extend(dict(record) for record in payload["history"])
+    restore_rng_state(payload["training_state"]["rng"], generator)
+    return int(payload["training_state"]["epoch"]) + 1
+
+
+def _snapshot(vae, optimizer, generator) -> dict:
+    return {
+        "model": copy.deepcopy(vae.state_dict()),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "rng": capture_rng_state(generator),
+    }
+
+
+def _roll_back(vae, optimizer, generator, snapshot: dict, factor: float, error) -> None:
+    vae.load_state_dict(snapshot["model"])
+    optimizer.load_state_dict(snapshot["optimizer"])
+    restore_rng_state(snapshot["rng"], generator)
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+    warnings.warn(
+        f"{error} -- rolled back to the start of epoch {error.epoch} and lowered the learning "
+        f"rate to {optimizer.param_groups[0]['lr']:.3g}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _explain(error: NonFiniteTrainingError, config, checkpoint_path, rollbacks: int):
+    kept = (
+        f"The last checkpoint {checkpoint_path} is intact. " if checkpoint_path is not None else ""
+    )
+    if config.on_nonfinite == "rollback":
+        advice = f"Gave up after {rollbacks} rollbacks; lower learning_rate or set clip_norm."
+    else:
+        advice = (
+            "Set on_nonfinite='rollback' (CLI: --on-nonfinite rollback) to restore the epoch's "
+            "starting state and lower the learning rate, or lower learning_rate / set clip_norm."
+        )
+    return NonFiniteTrainingError(
+        error.epoch, error.step, error.num_steps, error.loss, error.grad_norm, kept + advice
+    )
+
+
+def _gradient_norm(parameters: list[torch.Tensor], clip_norm: float | None) -> torch.Tensor:
+    """Global 2-norm of the gradients (before clipping), clipping them when asked."""
+    if clip_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
+def _train_epoch(loss_module, optimizer, train, config: TrainConfig, generator, epoch: int):
     order = torch.randperm(train.shape[0], device=train.device, generator=generator)
     batches = order.split(config.batch_size)
-    total = torch.zeros((), device=train.device, dtype=torch.float64)
+    losses = torch.zeros(len(batches), device=train.device, dtype=torch.float64)
+    grad_norms = torch.zeros(len(batches), device=train.device)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    check_each_step = train.device.type == "cpu"  # free on the CPU; on a GPU, once per epoch
     bar = tqdm(
         batches, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False
     )
@@ -147,17 +271,23 @@ def _train_epoch(
             loss = loss_module(batch) / batch.shape[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if config.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], config.clip_norm)
+        losses[step] = loss.detach()
+        grad_norms[step] = _gradient_norm(parameters, config.clip_norm)
+        if check_each_step:
+            _check_finite(losses[: step + 1], grad_norms[: step + 1], epoch)
         optimizer.step()
-        total += loss.detach() * batch.shape[0]
-    train_elbo = -float(total) / train.shape[0]
-    if not torch.isfinite(torch.tensor(train_elbo)):
-        raise FloatingPointError(
-            f"the training loss became NaN or infinite during epoch {epoch}; "
-            "lower the learning rate or set clip_norm"
+    _check_finite(losses, grad_norms, epoch)
+    sizes = torch.tensor([len(index) for index in batches], device=train.device)
+    return -float((losses * sizes).sum()) / train.shape[0]
+
+
+def _check_finite(losses: torch.Tensor, grad_norms: torch.Tensor, epoch: int) -> None:
+    bad = ~(torch.isfinite(losses) & torch.isfinite(grad_norms))
+    if bool(bad.any()):
+        step = int(bad.nonzero()[0])
+        raise NonFiniteTrainingError(
+            epoch, step + 1, len(losses), float(losses[step]), float(grad_norms[step])
         )
-    return train_elbo
 
 
 def _validation_elbo(vae, validation, config: TrainConfig) -> float | None:

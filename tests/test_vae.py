@@ -417,7 +417,7 @@ def test_fit_rejects_bad_options_before_changing_state(options, message, fitted,
 
 def test_fit_rejects_unknown_option_names(fitted, binary_digits):
     before = snapshot(fitted)
-    with pytest.raises(TypeError, match="learning_rat"):
+    with pytest.raises(ValueError, match=r"learning_rat.*valid names: .*learning_rate"):
         fitted.fit(binary_digits[:32], learning_rat=0.1)
     assert_same_state(fitted, before)
 

@@ -92,12 +92,20 @@ def latent_use(model, guide, *args, max_points: int = 2000, seed: int = 0, **kwa
     generator = torch.Generator().manual_seed(seed)
     subset = torch.randperm(length, generator=generator)[:count].sort().values
     args, kwargs = _slice_arguments(args, kwargs, length, subset)
-    torch.manual_seed(seed)
-    with poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+    devices = [t.device for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):  # seeded draws; the caller's RNG is untouched
+        torch.manual_seed(seed)
+        with poutine.block():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+        results = _site_diagnostics(model_trace, guide_trace, count)
+    return results
+
+
+def _site_diagnostics(model_trace, guide_trace, count: int) -> dict[str, LatentUse]:
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
     _check_site_names(model_sites, guide_sites)
     results = {}

@@ -8,9 +8,11 @@ Generative model, for each data point n (site names in quotes, inside the plate 
 
 Everything a general-purpose estimator can only approximate is known here in closed form:
 the marginal p(x) = N(b, W W^T + diag(psi^2)), the posterior p(z | x) = N(mu(x), Sigma), and
-the KL divergence from any Gaussian guide to that posterior. That makes the model a ground
-truth for the importance-sampled bounds of :mod:`pyrovae.evaluation`:
-E[ELBO] = log p(x) - KL(q(z|x) || p(z|x)) exactly, and IWAE_k -> log p(x) as k grows.
+the KL divergence from any Gaussian guide to that posterior, and every moment of the
+normalized importance weights p(z|x) / q(z|x). That makes the model a ground truth for the
+importance-sampled bounds of :mod:`pyrovae.evaluation`: E[ELBO] = log p(x) - KL(q(z|x) ||
+p(z|x)) exactly, log p_hat(x) has standard error ~ sqrt(V / K) and IWAE_k has bias
+~ V / (2k), with V the exact variance of the normalized weights.
 
 Units: log densities and KL divergences are in nats, per data point. All computations use
 the dtype and device of the parameters (use float64 for reference values).
@@ -319,3 +321,57 @@ def exact_posterior_kl(
     """
     q_cov = torch.diag(guide.scale**2)
     return gaussian_kl(guide.loc(x), q_cov, model.posterior_mean(x), model.posterior_covariance())
+
+
+def importance_weight_log_moment(
+    model: LinearGaussianModel, guide: LinearGaussianGuide, x: torch.Tensor, order: float
+) -> torch.Tensor:
+    """Exact log E_q[r^order] per data point, r = p(z | x) / q(z | x) with z ~ q(z | x).
+
+    r = w / p(x) is the normalized importance weight (mean 1), so ``order=2`` gives the
+    relative variance V = E_q[r^2] - 1 of the weights, which sets the asymptotic Monte Carlo
+    standard error sqrt(V / K) of log p_hat(x) and the asymptotic bias V / (2k) of IWAE_k.
+    (Up to a factor 1 / (order - 1) it is the Renyi divergence of order ``order``.)
+
+    With Lambda and Q the precisions of p(z|x) and q(z|x), delta the difference of their
+    means, a = order and A = a Lambda + (1 - a) Q, the closed form is
+
+        0.5 [a log det Lambda + (1 - a) log det Q - log det A
+             - a (1 - a) delta^T Lambda A^-1 Q delta]
+
+    when A is positive definite, and +inf (the moment diverges) otherwise.
+
+    Parameters
+    ----------
+    model, guide : LinearGaussianModel, LinearGaussianGuide
+    x : torch.Tensor of shape (N, D)
+    order : float
+        The moment's order (any real number; 0 and 1 give 0).
+
+    Returns
+    -------
+    torch.Tensor of shape (N,)
+        The log-moment, dimensionless.
+    """
+    precision = model.posterior_precision()
+    guide_precision = torch.diag(guide.scale**-2)
+    combined = order * precision + (1 - order) * guide_precision
+    tril, info = torch.linalg.cholesky_ex(combined)
+    delta = model.posterior_mean(x) - guide.loc(x)  # (N, L)
+    if int(info) != 0:
+        return torch.full_like(delta[:, 0], float("inf"))
+    solved = torch.cholesky_solve((delta @ guide_precision).unsqueeze(-1), tril).squeeze(-1)
+    quadratic = ((delta @ precision) * solved).sum(-1)
+    log_dets = (
+        order * torch.logdet(precision)
+        + (1 - order) * guide_precision.diagonal().log().sum()
+        - _cholesky_logdet(tril)
+    )
+    return 0.5 * (log_dets - order * (1 - order) * quadratic)
+
+
+def importance_weight_variance(
+    model: LinearGaussianModel, guide: LinearGaussianGuide, x: torch.Tensor
+) -> torch.Tensor:
+    """V = Var_q[p(z|x) / q(z|x)] per data point (N,), dimensionless; +inf if it diverges."""
+    return torch.expm1(importance_weight_log_moment(model, guide, x, 2.0))

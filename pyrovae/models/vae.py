@@ -133,15 +133,17 @@ class VAE(nn.Module):
         tensor = check_data(x, self.config.num_features, self.model.likelihood, name)
         return tensor.to(device=self.device, dtype=next(self.parameters()).dtype)
 
-    def fit(self, train, validation=None, **train_options):
-        """Fit by stochastic variational inference; see :class:`pyrovae.config.TrainConfig`.
+    def fit(self, train, validation=None, checkpoint_path=None, resume=False, **train_options):
+        """Fit by stochastic variational inference; see :class:`pyrovae.config.TrainConfig`
+        for ``train_options`` and :func:`pyrovae.training.fit` for checkpointing and resuming.
 
         Returns
         -------
         pyrovae.training.History
             Per-epoch train and validation ELBO (nats per data point, higher is better).
         """
-        return fit(self, train, validation, TrainConfig(**train_options))
+        config = TrainConfig.from_dict(train_options)
+        return fit(self, train, validation, config, checkpoint_path=checkpoint_path, resume=resume)
 
     @torch.no_grad()
     def encode(self, x) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,13 +253,17 @@ class VAE(nn.Module):
             progress=progress,
         )
 
-    def save(self, path: str | Path, metadata: dict | None = None) -> Path:
+    def save(
+        self, path: str | Path, metadata: dict | None = None, training_state: dict | None = None
+    ) -> Path:
         """Write config, parameters, optimizer state and history to one file (atomically).
 
         ``metadata`` (plain JSON-like values, e.g. the dataset name) is stored alongside and
-        restored as ``metadata_``.
+        restored as ``metadata_``. ``training_state`` (epoch and RNG states, written by
+        :func:`pyrovae.training.fit`) makes the file a checkpoint that training can resume.
         """
         payload = {
+            "training_state": training_state,
             "metadata": dict(metadata or self.metadata_),
             "library_version": __version__,
             "config": self.config.to_dict(),
