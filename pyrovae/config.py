@@ -101,8 +101,9 @@ class TrainConfig(_DictConfig):
     Parameters
     ----------
     objective : str
-        Name in :data:`pyrovae.objectives.OBJECTIVES`: ``"trace_elbo"`` (Monte Carlo KL) or
-        ``"trace_meanfield_elbo"`` (analytic KL).
+        Name in :data:`pyrovae.objectives.OBJECTIVES`, e.g. ``"trace_elbo"`` (Monte Carlo KL),
+        ``"trace_meanfield_elbo"`` (analytic KL), ``"iwae"``, ``"renyi"``, ``"stl"``,
+        ``"dreg"``, ``"annealed_meanfield_elbo"``.
     num_particles : int
         Samples of z per data point per step (vectorized).
     epochs : int
@@ -133,6 +134,11 @@ class TrainConfig(_DictConfig):
         Learning-rate multiplier applied at each rollback, in (0, 1).
     max_rollbacks : int
         Rollbacks allowed over the whole fit before giving up with the error.
+    renyi_alpha : float
+        Order alpha of the ``"renyi"`` objective.
+    beta, kl_warmup_epochs, free_bits : float, int, float
+        KL weight, linear KL warm-up length (epochs) and free bits (nats per latent
+        dimension) of the ``"annealed_meanfield_elbo"`` objective.
     """
 
     objective: str = "trace_elbo"
@@ -149,6 +155,16 @@ class TrainConfig(_DictConfig):
     on_nonfinite: str = "raise"
     rollback_factor: float = 0.5
     max_rollbacks: int = 3
+    renyi_alpha: float = 0.5
+    beta: float = 1.0
+    kl_warmup_epochs: int = 0
+    free_bits: float = 0.0
+
+    def objective_options(self) -> dict[str, Any]:
+        """Options of :attr:`objective`, as :func:`pyrovae.objectives.make_objective` takes them."""
+        from pyrovae.objectives import OBJECTIVE_OPTIONS
+
+        return {name: getattr(self, name) for name in OBJECTIVE_OPTIONS.get(self.objective, ())}
 
     def __post_init__(self):
         from pyrovae.objectives import OBJECTIVES
@@ -168,6 +184,25 @@ class TrainConfig(_DictConfig):
         if not 0 < self.rollback_factor < 1:
             raise ValueError(f"rollback_factor must lie in (0, 1), got {self.rollback_factor!r}")
         _require_positive_int("max_rollbacks", self.max_rollbacks)
+        self._check_objective_options()
+
+    def _check_objective_options(self) -> None:
+        from pyrovae.objectives import OBJECTIVE_OPTIONS, make_objective
+
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        taken = OBJECTIVE_OPTIONS.get(self.objective, ())
+        stray = [
+            name
+            for options in OBJECTIVE_OPTIONS.values()
+            for name in options
+            if name not in taken and getattr(self, name) != defaults[name]
+        ]
+        if stray:
+            raise ValueError(
+                f"option(s) {', '.join(sorted(set(stray)))} do not apply to objective "
+                f"{self.objective!r}"
+            )
+        make_objective(self.objective, self.num_particles, **self.objective_options())
 
     def resumable_from(self, saved: TrainConfig) -> None:
         """Raise ``ValueError`` unless a run saved with ``saved`` can continue under ``self``:

@@ -133,7 +133,8 @@ def fit(
     if validation is not None:
         validation = validation.to(train)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    loss_module = make_objective(config.objective, config.num_particles)(vae.model, vae.guide)
+    objective = make_objective(config.objective, config.num_particles, **config.objective_options())
+    loss_module = objective(vae.model, vae.guide)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
     history = History()
     first_epoch = 1 if saved is None else _restore(vae, optimizer, history, generator, saved)
@@ -144,6 +145,8 @@ def fit(
             _snapshot(vae, optimizer, generator) if config.on_nonfinite == "rollback" else None
         )
         started = time.perf_counter()
+        if hasattr(objective, "start_epoch"):
+            objective.start_epoch(epoch)
         try:
             train_elbo = _train_epoch(loss_module, optimizer, train, config, generator, epoch)
         except NonFiniteTrainingError as error:

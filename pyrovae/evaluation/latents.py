@@ -48,7 +48,7 @@ class LatentUse:
     mutual_information: float
 
 
-def _per_dimension_kl(guide_fn, prior_fn) -> torch.Tensor | None:
+def per_dimension_kl(guide_fn, prior_fn) -> torch.Tensor | None:
     if not (isinstance(guide_fn, Independent) and isinstance(prior_fn, Independent)):
         return None
     try:
@@ -113,7 +113,7 @@ def _site_diagnostics(model_trace, guide_trace, count: int) -> dict[str, LatentU
         guide_fn = guide_site["fn"]
         means = guide_fn.mean.reshape(count, -1).double()
         variance = means.var(0) if count > 1 else torch.zeros(means.shape[1])
-        kl = _per_dimension_kl(guide_fn, model_sites[name]["fn"])
+        kl = per_dimension_kl(guide_fn, model_sites[name]["fn"])
         results[name] = LatentUse(
             kl_per_dim=None if kl is None else kl.double().mean(0).cpu().numpy(),
             mean_variance=variance.cpu().numpy(),

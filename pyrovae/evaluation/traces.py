@@ -19,6 +19,7 @@ length N of the data plate is sliced along that axis when evaluating in chunks.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -136,6 +137,76 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -
     return depth
 
 
+@dataclass
+class ParticleTraces:
+    """Model and guide traces of one vectorized pass with K draws per data point, and the
+    bookkeeping that reduces any site's log density to shape (K, N)."""
+
+    model_trace: object
+    guide_trace: object
+    num_particles: int
+    data_plate: str
+    max_plate_nesting: int
+    data_size: int
+
+    def __post_init__(self):
+        self.model_sites = _sample_sites(self.model_trace)
+        self.guide_sites = _sample_sites(self.guide_trace)
+        _check_site_names(self.model_sites, self.guide_sites)
+
+    @property
+    def latent_names(self) -> list[str]:
+        return [name for name, site in self.model_sites.items() if not site["is_observed"]]
+
+    def per_datapoint(self, log_prob: torch.Tensor, site: dict, role: str) -> torch.Tensor:
+        """Sum ``log_prob`` over every plate dim but the draw and data dims: shape (K, N)."""
+        frame = _data_frame(site, self.data_plate, role)
+        return _per_datapoint(log_prob, site, frame.dim, self.num_particles, self.max_plate_nesting)
+
+    def data_axis(self, site: dict) -> int:
+        """Axis of the data plate in ``site["value"]`` (the draw axis is 0)."""
+        frame = _data_frame(site, self.data_plate, "guide")
+        return self.max_plate_nesting + 1 + frame.dim
+
+    def guide_log_density(self, detach_values: bool = False) -> torch.Tensor:
+        """log q(z_k | x_n), shape (K, N); with ``detach_values`` the draws z are constants, so
+        the gradient is the score term d/dphi log q(z; phi) alone."""
+        total = 0.0
+        for name in self.latent_names:
+            site = self.guide_sites[name]
+            value = site["value"].detach() if detach_values else site["value"]
+            total = total + self.per_datapoint(site["fn"].log_prob(value), site, "guide")
+        return total
+
+
+def run_traces(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    num_particles: int,
+    data_plate: str,
+    max_plate_nesting: int,
+    block: bool = True,
+) -> ParticleTraces:
+    """Trace the guide and then the model replayed on its draws, K draws per data point,
+    vectorized with an extra plate left of the model's plates. Keeps autograd history.
+
+    ``block=False`` lets outer handlers see the sites (e.g. SVI collecting ``pyro.param``s).
+    """
+    particle_dim = -(max_plate_nesting + 1)
+    blocker = poutine.block() if block else contextlib.nullcontext()
+    with blocker, pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    size = _data_plate_size(model_trace, data_plate)
+    return ParticleTraces(
+        model_trace, guide_trace, num_particles, data_plate, max_plate_nesting, size
+    )
+
+
 def trace_terms(
     model: Callable,
     guide: Callable,
@@ -146,37 +217,32 @@ def trace_terms(
     max_plate_nesting: int,
 ) -> ParticleTerms:
     """Trace guide and model once, with ``num_particles`` vectorized draws per data point."""
-    particle_dim = -(max_plate_nesting + 1)
-    with poutine.block(), pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    _data_plate_size(model_trace, data_plate)
-    model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
-    _check_site_names(model_sites, guide_sites)
+    traces = run_traces(model, guide, args, kwargs, num_particles, data_plate, max_plate_nesting)
+    return reduce_terms(traces)
 
-    def reduce(log_prob, site, role):
-        frame = _data_frame(site, data_plate, role)
-        return _per_datapoint(log_prob, site, frame.dim, num_particles, max_plate_nesting)
 
+def reduce_terms(traces: ParticleTraces, with_kl: bool = True) -> ParticleTerms:
+    """Per-datapoint log densities of every site; ``with_kl=False`` skips the KL terms (zeros)."""
     terms = {name: 0.0 for name in _TERM_NAMES}
-    all_analytic = True
-    for name, site in model_sites.items():
+    all_analytic = with_kl
+    for name, site in traces.model_sites.items():
         role = "observed" if site["is_observed"] else "latent"
-        log_p = reduce(_site_log_prob(site), site, f"{role} model")
+        log_p = traces.per_datapoint(_site_log_prob(site), site, f"{role} model")
         if site["is_observed"]:
             terms["log_p_obs"] = terms["log_p_obs"] + log_p
             continue
+        guide_site = traces.guide_sites[name]
         terms["log_p_latent"] = terms["log_p_latent"] + log_p
-        log_q = reduce(_site_log_prob(guide_sites[name]), guide_sites[name], "guide")
+        log_q = traces.per_datapoint(_site_log_prob(guide_site), guide_site, "guide")
         terms["log_q"] = terms["log_q"] + log_q
-        kl = _closed_form_kl(guide_sites[name], site)
+        if not with_kl:
+            continue
+        kl = _closed_form_kl(guide_site, site)
         if kl is None:
             all_analytic = False
             kl_term = log_q - log_p
         else:
-            kl_term = reduce(kl, site, "latent model")
+            kl_term = traces.per_datapoint(kl, site, "latent model")
         terms["kl"] = terms["kl"] + kl_term
     if not isinstance(terms["log_p_obs"], torch.Tensor):
         raise ValueError("the model has no observed site: pass the data as `obs=` of a sample site")

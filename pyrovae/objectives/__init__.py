@@ -1,27 +1,69 @@
-"""Training objectives: Pyro ELBO estimators selectable by name.
+"""Training objectives, selectable by name.
 
 Every entry builds a :class:`pyro.infer.ELBO` whose ``__call__(model, guide)`` gives a
-:class:`torch.nn.Module` returning the loss (the negative ELBO, in nats, summed over the
-data points of the batch).
+:class:`torch.nn.Module` returning the loss (minus the bound, in nats, summed over the data
+points of the batch):
+
+==========================  ===================================================================
+``trace_elbo``              Pyro ``Trace_ELBO``: ELBO, Monte Carlo KL
+``trace_meanfield_elbo``    Pyro ``TraceMeanField_ELBO``: ELBO, analytic KL where available
+``annealed_meanfield_elbo`` analytic-KL ELBO with KL weight beta, linear warm-up, free bits
+``iwae``                    IWAE_K bound (K = ``num_particles``)
+``renyi``                   variational Rényi bound of order ``renyi_alpha``
+``stl``                     ELBO with the 'sticking the landing' gradient
+``dreg``                    IWAE_K with the doubly reparameterized gradient
+==========================  ===================================================================
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pyro.infer
 
-OBJECTIVES: dict[str, Callable[..., pyro.infer.ELBO]] = {
+from pyrovae.objectives.annealed import AnnealedMeanFieldELBO
+from pyrovae.objectives.base import ParticleObjective
+from pyrovae.objectives.dreg import DReGIWAE
+from pyrovae.objectives.iwae import IWAE
+from pyrovae.objectives.renyi import RenyiBound
+from pyrovae.objectives.stl import STLELBO
+
+OBJECTIVES: dict[str, type[pyro.infer.ELBO]] = {
     "trace_elbo": pyro.infer.Trace_ELBO,
     "trace_meanfield_elbo": pyro.infer.TraceMeanField_ELBO,
+    "annealed_meanfield_elbo": AnnealedMeanFieldELBO,
+    "iwae": IWAE,
+    "renyi": RenyiBound,
+    "stl": STLELBO,
+    "dreg": DReGIWAE,
 }
-"""``trace_elbo``: Monte Carlo KL. ``trace_meanfield_elbo``: analytic KL where available."""
 
-ANALYTIC_KL_OBJECTIVES = frozenset({"trace_meanfield_elbo"})
+OBJECTIVE_OPTIONS: dict[str, dict[str, str]] = {
+    "annealed_meanfield_elbo": {
+        "beta": "beta",
+        "kl_warmup_epochs": "warmup_epochs",
+        "free_bits": "free_bits",
+    },
+    "renyi": {"renyi_alpha": "alpha"},
+}
+"""Options each objective takes beyond ``num_particles``: option name -> constructor argument."""
+
+ANALYTIC_KL_OBJECTIVES = frozenset({"trace_meanfield_elbo", "annealed_meanfield_elbo"})
+
+__all__ = [
+    "ANALYTIC_KL_OBJECTIVES",
+    "OBJECTIVES",
+    "OBJECTIVE_OPTIONS",
+    "AnnealedMeanFieldELBO",
+    "DReGIWAE",
+    "IWAE",
+    "ParticleObjective",
+    "RenyiBound",
+    "STLELBO",
+    "make_objective",
+]
 
 
 def make_objective(
-    name: str, num_particles: int = 1, max_plate_nesting: int = 1
+    name: str, num_particles: int = 1, max_plate_nesting: int = 1, **options
 ) -> pyro.infer.ELBO:
     """Build the named objective with vectorized particles.
 
@@ -30,16 +72,27 @@ def make_objective(
     name : str
         Key of :data:`OBJECTIVES`.
     num_particles : int
-        Samples of the latent variables per data point, drawn in one vectorized pass.
+        Samples of the latent variables per data point, drawn in one vectorized pass
+        (K of IWAE_K).
     max_plate_nesting : int
         Number of nested plates in the model (1 for a plate over data points).
+    **options
+        Objective-specific settings, see :data:`OBJECTIVE_OPTIONS`.
     """
     if name not in OBJECTIVES:
+        valid = ", ".join(sorted(OBJECTIVES))
+        raise ValueError(f"unknown objective {name!r}; valid names: {valid}")
+    accepted = OBJECTIVE_OPTIONS.get(name, {})
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
         raise ValueError(
-            f"unknown objective {name!r}; valid names: {', '.join(sorted(OBJECTIVES))}"
+            f"objective {name!r} does not take option(s) {', '.join(unknown)}; it takes: "
+            f"{', '.join(accepted) or 'none'}"
         )
-    return OBJECTIVES[name](
-        num_particles=num_particles,
-        vectorize_particles=True,
-        max_plate_nesting=max_plate_nesting,
+    arguments = {accepted[option]: value for option, value in options.items()}
+    cls = OBJECTIVES[name]
+    if issubclass(cls, ParticleObjective):
+        return cls(num_particles=num_particles, max_plate_nesting=max_plate_nesting, **arguments)
+    return cls(
+        num_particles=num_particles, vectorize_particles=True, max_plate_nesting=max_plate_nesting
     )
