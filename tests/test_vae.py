@@ -394,8 +394,8 @@ def test_elbo_and_encode_reject_bad_data(case, fitted, binary_digits):
         ({"batch_size": 33}, r"batch_size=33 exceeds the 32 training data points"),
         (
             {"objective": "elbo"},
-            r"unknown objective 'elbo'; valid names: annealed_meanfield_elbo, dreg, iwae, renyi, stl, trace_elbo, "
-            r"trace_meanfield_elbo",
+            r"unknown objective 'elbo'; valid names: annealed_meanfield_elbo, dreg, iwae, "
+            r"renyi, stl, trace_elbo, trace_meanfield_elbo",
         ),
         ({"learning_rate": 0.0}, r"learning_rate must be a positive number"),
         ({"learning_rate": -1e-3}, r"learning_rate must be a positive number"),
