@@ -130,6 +130,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--out", type=Path, required=True, help="PNG file to write")
+
+    plot = commands.add_parser("plot", help="write a figure of a saved model (PNG and PDF)")
+    plot.add_argument(
+        "kind",
+        choices=("samples", "reconstructions", "curves", "latent", "manifold", "interpolation"),
+        help="prior samples, data vs reconstructions, training curves, scatter of posterior "
+        "means, decoded 2-D latent grid, or interpolations between posterior means",
+    )
+    plot.add_argument("--model", type=Path, required=True)
+    plot.add_argument(
+        "--out", type=Path, required=True, help="output path; each format's suffix is added"
+    )
+    _add_data_arguments(plot, None)
+    plot.add_argument("--split", choices=SPLIT_NAMES, default="test")
+    plot.add_argument(
+        "--num",
+        type=int,
+        default=None,
+        help="samples (64), images (16), points (2000), manifold grid size (15) or "
+        "interpolation pairs (4)",
+    )
+    plot.add_argument("--seed", type=int, default=0)
+    plot.add_argument(
+        "--method",
+        choices=("linear", "spherical"),
+        default="linear",
+        help="interpolation in latent space",
+    )
+    plot.add_argument("--formats", nargs="+", choices=("png", "pdf"), default=["png", "pdf"])
     return parser
 
 
@@ -236,7 +265,33 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "evaluate": run_evaluate, "sample": run_sample}
+def run_plot(args: argparse.Namespace) -> int:
+    from pyrovae import VAE
+    from pyrovae.plots import DATA_FIGURE_KINDS, model_figure, save_figure
+
+    if args.num is not None and args.num < 1:
+        raise SystemExit(f"error: --num must be positive, got {args.num}")
+    vae = VAE.load(args.model)
+    data = labels = None
+    if args.kind in DATA_FIGURE_KINDS:
+        name = _dataset_of(vae, args.dataset)
+        data = evaluation_data(vae, name, args.data_dir, args.split, args.seed)
+        if args.kind == "latent":
+            labels = load_dataset(name, args.data_dir).split(args.split)[1]
+    figure = model_figure(
+        args.kind, vae, data, labels, num=args.num, seed=args.seed, method=args.method
+    )
+    paths = save_figure(figure, args.out, formats=args.formats)
+    print("wrote " + ", ".join(str(path) for path in paths))
+    return 0
+
+
+COMMANDS = {
+    "train": run_train,
+    "evaluate": run_evaluate,
+    "sample": run_sample,
+    "plot": run_plot,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

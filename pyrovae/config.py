@@ -134,6 +134,11 @@ class TrainConfig(_DictConfig):
         Learning-rate multiplier applied at each rollback, in (0, 1).
     max_rollbacks : int
         Rollbacks allowed over the whole fit before giving up with the error.
+    compile : str
+        ``"none"`` (eager Pyro), ``"graph"`` (trace the loss and gradients once per batch
+        shape into an ATen graph and replay it; Pyro's ELBOs are replaced by their
+        equal-valued traceable equivalents) or ``"inductor"`` (also ``torch.compile`` it).
+        See :mod:`pyrovae.compiled`.
     renyi_alpha : float
         Order alpha of the ``"renyi"`` objective.
     beta, kl_warmup_epochs, free_bits : float, int, float
@@ -155,6 +160,7 @@ class TrainConfig(_DictConfig):
     on_nonfinite: str = "raise"
     rollback_factor: float = 0.5
     max_rollbacks: int = 3
+    compile: str = "none"
     renyi_alpha: float = 0.5
     beta: float = 1.0
     kl_warmup_epochs: int = 0
@@ -184,6 +190,7 @@ class TrainConfig(_DictConfig):
         if not 0 < self.rollback_factor < 1:
             raise ValueError(f"rollback_factor must lie in (0, 1), got {self.rollback_factor!r}")
         _require_positive_int("max_rollbacks", self.max_rollbacks)
+        _require_choice("compile", self.compile, ("none", "graph", "inductor"))
         self._check_objective_options()
 
     def _check_objective_options(self) -> None:

@@ -20,6 +20,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from pyrovae.compiled import CompiledStep
 from pyrovae.config import TrainConfig
 from pyrovae.data import binarize, threshold
 from pyrovae.objectives import ANALYTIC_KL_OBJECTIVES, make_objective
@@ -270,10 +271,7 @@ def _train_epoch(loss_module, optimizer, train, config: TrainConfig, generator, 
         batch = train[index]
         if config.binarize == "dynamic":
             batch = binarize(batch, generator=generator)
-        with pyro.validation_enabled(epoch == 1 and step == 0):
-            loss = loss_module(batch) / batch.shape[0]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = _loss_and_gradients(loss_module, batch, validate=epoch == 1 and step == 0)
         losses[step] = loss.detach()
         grad_norms[step] = _gradient_norm(parameters, config.clip_norm)
         if check_each_step:
@@ -282,6 +280,18 @@ def _train_epoch(loss_module, optimizer, train, config: TrainConfig, generator, 
     _check_finite(losses, grad_norms, epoch)
     sizes = torch.tensor([len(index) for index in batches], device=train.device)
     return -float((losses * sizes).sum()) / train.shape[0]
+
+
+def _loss_and_gradients(loss_module, batch: torch.Tensor, validate: bool) -> torch.Tensor:
+    """Loss per data point of one batch; sets the parameters' ``.grad``."""
+    if isinstance(loss_module, CompiledStep):
+        return loss_module(batch)
+    for parameter in loss_module.parameters():
+        parameter.grad = None
+    with pyro.validation_enabled(validate):
+        loss = loss_module(batch) / batch.shape[0]
+    loss.backward()
+    return loss.detach()
 
 
 def _check_finite(losses: torch.Tensor, grad_norms: torch.Tensor, epoch: int) -> None:

@@ -226,9 +226,13 @@ class Autoencoder:
 
     # ------------------------------------------------------------------ inference
 
-    def _check(self, x, name: str, fitting: bool = False) -> torch.Tensor:
-        if not fitting and not hasattr(self, "encoder_"):
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "encoder_"):
             raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
+
+    def _check(self, x, name: str, fitting: bool = False) -> torch.Tensor:
+        if not fitting:
+            self._check_fitted()
         tensor = as_data_tensor(x, name)
         if fitting:
             features = tensor.shape[1] if tensor.dim() == 2 else 1
@@ -239,13 +243,13 @@ class Autoencoder:
     @torch.no_grad()
     def encode(self, x) -> torch.Tensor:
         """Codes z = f(x), shape (N, L)."""
-        return self.encoder_.eval()(self._check(x, "x"))
+        data = self._check(x, "x")
+        return self.encoder_.eval()(data)
 
     @torch.no_grad()
     def decode(self, z) -> torch.Tensor:
         """Reconstructions g(z), shape (N, D)."""
-        if not hasattr(self, "decoder_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit first")
+        self._check_fitted()
         codes = as_data_tensor(z, "z")
         codes = check_data(codes, self.latent_dim, None, "z").to(self._dtype())
         return self.decoder_.eval()(codes)
@@ -421,13 +425,15 @@ def _squared_jacobian_norm(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def jacobian_frobenius(model: Autoencoder, x, squared: bool = False) -> torch.Tensor:
-    """Frobenius norm of the encoder Jacobian dz/dx at each data point.
+def jacobian_frobenius(model, x, squared: bool = False) -> torch.Tensor:
+    """Frobenius norm of the encoder Jacobian dz/dx at each data point, computed exactly.
 
     Parameters
     ----------
-    model : Autoencoder
-        A fitted autoencoder.
+    model : Autoencoder or callable
+        A fitted autoencoder (its ``encoder_`` is differentiated), or any function mapping a
+        tensor of shape (N, D) to codes of shape (N, L) row by row, e.g. a VAE's posterior
+        mean ``lambda x: vae.guide.encoder(x)[0]``.
     x : array-like of shape (N, D)
         Points where the Jacobian is taken.
     squared : bool
@@ -438,6 +444,13 @@ def jacobian_frobenius(model: Autoencoder, x, squared: bool = False) -> torch.Te
     torch.Tensor
         Shape (N,), in code units per data unit.
     """
-    data = model._check(x, "x")
-    squared_norm = _squared_jacobian_norm(model.encoder_.eval(), data)
+    if isinstance(model, Autoencoder):
+        data, encoder = model._check(x, "x"), model.encoder_.eval()
+    elif callable(model):
+        data, encoder = as_data_tensor(x, "x"), model
+        if data.dim() != 2:
+            raise ValueError(f"x must be a matrix of shape (N, D); got {tuple(data.shape)}")
+    else:
+        raise TypeError(f"model must be an Autoencoder or a callable, got {type(model).__name__}")
+    squared_norm = _squared_jacobian_norm(encoder, data)
     return squared_norm if squared else squared_norm.sqrt()

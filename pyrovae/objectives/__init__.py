@@ -22,6 +22,7 @@ import pyro.infer
 from pyrovae.objectives.annealed import AnnealedMeanFieldELBO
 from pyrovae.objectives.base import ParticleObjective
 from pyrovae.objectives.dreg import DReGIWAE
+from pyrovae.objectives.elbo import MonteCarloELBO
 from pyrovae.objectives.iwae import IWAE
 from pyrovae.objectives.renyi import RenyiBound
 from pyrovae.objectives.stl import STLELBO
@@ -46,6 +47,13 @@ OBJECTIVE_OPTIONS: dict[str, dict[str, str]] = {
 }
 """Options each objective takes beyond ``num_particles``: option name -> constructor argument."""
 
+TRACEABLE_EQUIVALENTS: dict[str, type[ParticleObjective]] = {
+    "trace_elbo": MonteCarloELBO,
+    "trace_meanfield_elbo": AnnealedMeanFieldELBO,
+}
+"""Pyro ELBOs and the pyrovae objectives with the same value and gradient (reparameterized
+guides) that compiled training steps use in their place (Pyro's read host values per step)."""
+
 ANALYTIC_KL_OBJECTIVES = frozenset({"trace_meanfield_elbo", "annealed_meanfield_elbo"})
 
 __all__ = [
@@ -63,7 +71,11 @@ __all__ = [
 
 
 def make_objective(
-    name: str, num_particles: int = 1, max_plate_nesting: int = 1, **options
+    name: str,
+    num_particles: int = 1,
+    max_plate_nesting: int = 1,
+    traceable: bool = False,
+    **options,
 ) -> pyro.infer.ELBO:
     """Build the named objective with vectorized particles.
 
@@ -76,6 +88,8 @@ def make_objective(
         (K of IWAE_K).
     max_plate_nesting : int
         Number of nested plates in the model (1 for a plate over data points).
+    traceable : bool
+        Replace Pyro's ELBOs by their equivalents in :data:`TRACEABLE_EQUIVALENTS`.
     **options
         Objective-specific settings, see :data:`OBJECTIVE_OPTIONS`.
     """
@@ -90,7 +104,7 @@ def make_objective(
             f"{', '.join(accepted) or 'none'}"
         )
     arguments = {accepted[option]: value for option, value in options.items()}
-    cls = OBJECTIVES[name]
+    cls = TRACEABLE_EQUIVALENTS.get(name, OBJECTIVES[name]) if traceable else OBJECTIVES[name]
     if issubclass(cls, ParticleObjective):
         return cls(num_particles=num_particles, max_plate_nesting=max_plate_nesting, **arguments)
     return cls(
