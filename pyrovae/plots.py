@@ -614,7 +614,7 @@ def latent_comparison_figure(codes: dict, labels, title: str | None = None):
         raise ValueError("codes is empty: nothing to plot")
     columns = min(3, len(codes))
     rows = math.ceil(len(codes) / columns)
-    figure = _new_figure(4.0 * columns + 1.0, 3.6 * rows + 0.5)
+    figure = _new_figure(3.7 * columns + 1.0, 3.3 * rows + 0.5)
     axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     artist = None
     for ax, (name, values) in zip(axes, codes.items(), strict=False):

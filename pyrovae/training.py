@@ -262,7 +262,6 @@ def _train_epoch(loss_module, optimizer, train, config: TrainConfig, generator, 
     batches = order.split(config.batch_size)
     losses = torch.zeros(len(batches), device=train.device, dtype=torch.float64)
     grad_norms = torch.zeros(len(batches), device=train.device)
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     check_each_step = train.device.type == "cpu"  # free on the CPU; on a GPU, once per epoch
     bar = tqdm(
         batches, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False
@@ -271,15 +270,61 @@ def _train_epoch(loss_module, optimizer, train, config: TrainConfig, generator, 
         batch = train[index]
         if config.binarize == "dynamic":
             batch = binarize(batch, generator=generator)
-        loss = _loss_and_gradients(loss_module, batch, validate=epoch == 1 and step == 0)
-        losses[step] = loss.detach()
-        grad_norms[step] = _gradient_norm(parameters, config.clip_norm)
+        losses[step], grad_norms[step] = train_step(
+            loss_module,
+            optimizer,
+            batch,
+            config.clip_norm,
+            validate=epoch == 1 and step == 0,
+            guard=check_each_step,
+        )
         if check_each_step:
-            _check_finite(losses[: step + 1], grad_norms[: step + 1], epoch)
-        optimizer.step()
+            _check_finite(losses, grad_norms, epoch, upto=step + 1)
     _check_finite(losses, grad_norms, epoch)
     sizes = torch.tensor([len(index) for index in batches], device=train.device)
     return -float((losses * sizes).sum()) / train.shape[0]
+
+
+def train_step(
+    loss_module,
+    optimizer,
+    batch: torch.Tensor,
+    clip_norm: float | None = None,
+    validate: bool = False,
+    guard: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One stochastic-gradient step on one batch.
+
+    Parameters
+    ----------
+    loss_module : torch.nn.Module or CompiledStep
+        ``objective(model, guide)``, or its compiled form.
+    optimizer : torch.optim.Optimizer
+    batch : torch.Tensor
+        Data points of this step, on the parameters' device.
+    clip_norm : float, optional
+        Clip the gradients' global 2-norm to this value.
+    validate : bool
+        Run Pyro's validation checks during this step (eager objectives only).
+    guard : bool
+        Skip the optimizer update when the loss or gradient norm is NaN or infinite (reads
+        two numbers on the host: free on a CPU, a synchronisation on a GPU).
+
+    Returns
+    -------
+    loss, grad_norm : torch.Tensor
+        Minus the objective per data point (nats) and the gradients' 2-norm before clipping,
+        as detached 0-d tensors on the device.
+    """
+    loss = _loss_and_gradients(loss_module, batch, validate)
+    grad_norm = _gradient_norm(_parameters(optimizer), clip_norm)
+    if not guard or bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+        optimizer.step()
+    return loss, grad_norm
+
+
+def _parameters(optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _loss_and_gradients(loss_module, batch: torch.Tensor, validate: bool) -> torch.Tensor:
@@ -294,10 +339,15 @@ def _loss_and_gradients(loss_module, batch: torch.Tensor, validate: bool) -> tor
     return loss.detach()
 
 
-def _check_finite(losses: torch.Tensor, grad_norms: torch.Tensor, epoch: int) -> None:
-    bad = ~(torch.isfinite(losses) & torch.isfinite(grad_norms))
+def _check_finite(
+    losses: torch.Tensor, grad_norms: torch.Tensor, epoch: int, upto: int | None = None
+) -> None:
+    """Raise for the first step whose loss or gradient norm is not finite; with ``upto``,
+    look only at step ``upto`` (1-based), the one just taken."""
+    start = 0 if upto is None else upto - 1
+    bad = ~(torch.isfinite(losses[start:upto]) & torch.isfinite(grad_norms[start:upto]))
     if bool(bad.any()):
-        step = int(bad.nonzero()[0])
+        step = start + int(bad.nonzero()[0])
         raise NonFiniteTrainingError(
             epoch, step + 1, len(losses), float(losses[step]), float(grad_norms[step])
         )

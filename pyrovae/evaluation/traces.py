@@ -79,6 +79,7 @@ def _data_frame(site: dict, data_plate: str, role: str):
 
 
 def _data_plate_size(trace, data_plate: str) -> int:
+    """Full size of the data plate (not its subsample size), checking that it exists."""
     plates = {}
     for site in trace.nodes.values():
         for frame in site.get("cond_indep_stack", ()):
@@ -89,7 +90,8 @@ def _data_plate_size(trace, data_plate: str) -> int:
             f"the model has no plate named {data_plate!r} (plates found: {found}); "
             "wrap the data points in `with pyro.plate(data_plate, N):` or pass data_plate="
         )
-    return plates[data_plate]
+    subsample = trace.nodes.get(data_plate, {}).get("fn")  # the plate's own site
+    return int(getattr(subsample, "size", plates[data_plate]))
 
 
 def _per_datapoint(

@@ -25,8 +25,6 @@ class AnnealedMeanFieldELBO(ParticleObjective):
         below lambda are not pushed further towards the prior. 0 disables it.
     """
 
-    needs_reparameterization = False
-
     def __init__(
         self,
         num_particles: int = 1,
