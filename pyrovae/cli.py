@@ -185,11 +185,19 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.quiet,
+        checkpoint_every=args.checkpoint_every,
+        on_nonfinite=args.on_nonfinite,
     )
-    vae = VAE(config)
-    history = vae.fit(dataset.train, dataset.valid, **train_config.to_dict())
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = vae.save(args.out / MODEL_FILE, metadata={"dataset": args.dataset})
+    path = args.out / MODEL_FILE  # fit validates everything before this file or folder exists
+    vae = VAE(config, seed=args.seed)
+    vae.metadata_ = {"dataset": args.dataset}
+    history = vae.fit(
+        dataset.train,
+        dataset.valid,
+        checkpoint_path=path,
+        resume=args.resume,
+        **train_config.to_dict(),
+    )
     history.to_jsonl(args.out / "history.jsonl")
     history.to_csv(args.out / "history.csv")
     last = history.records[-1]
@@ -298,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -200,6 +200,12 @@ def _read_resume_checkpoint(vae, config: TrainConfig, checkpoint_path) -> dict:
             f"not {vae.config.to_dict()}"
         )
     config.resumable_from(TrainConfig.from_dict(payload["train_config"]))
+    done = int(payload["training_state"]["epoch"])
+    if config.epochs < done:
+        raise ValueError(
+            f"cannot resume: {checkpoint_path} already holds {done} epochs, more than "
+            f"epochs={config.epochs}; ask for at least {done}"
+        )
     return payload
 
 

@@ -86,6 +86,9 @@ class VAE(nn.Module):
     config : VAEConfig, optional
         Architecture. When omitted, keyword ``options`` build one, e.g.
         ``VAE(num_features=64, latent_dim=2)``.
+    seed : int, optional
+        Seed of the initial weights (drawn from a private copy of torch's RNG, so the global
+        stream is left as it was); ``None`` draws them from the global stream.
 
     Attributes
     ----------
@@ -109,15 +112,18 @@ class VAE(nn.Module):
     >>> history = vae.fit(digits.train, digits.valid, binarize="dynamic", epochs=2, progress=False)
     """
 
-    def __init__(self, config: VAEConfig | None = None, **options):
+    def __init__(self, config: VAEConfig | None = None, seed: int | None = None, **options):
         super().__init__()
         if config is None:
             config = VAEConfig.from_dict(options)
         elif options:
             raise TypeError("pass either a VAEConfig or keyword options, not both")
         self.config = config
-        self.model = VAEModel(config)
-        self.guide = VAEGuide(config)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            self.model = VAEModel(config)
+            self.guide = VAEGuide(config)
         self.history_ = None
         self.train_config_: TrainConfig | None = None
         self.optimizer_: torch.optim.Optimizer | None = None
