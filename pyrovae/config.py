@@ -67,7 +67,33 @@ class VAEConfig(_DictConfig):
     likelihood : str
         Observation model, one of :data:`pyrovae.likelihoods.LIKELIHOODS`.
     image_shape : tuple of int or None
-        (height, width) when the features are an image, used for plotting.
+        (height, width) when the features are an image: used for plotting and by
+        convolutional networks.
+    prior : str
+        p(z), one of :data:`pyrovae.priors.PRIORS`: ``"normal"``, ``"learned-normal"``,
+        ``"mixture"`` (``prior_components`` Gaussians) or ``"vamp"`` (``prior_components``
+        pseudo-inputs).
+    prior_components : int
+        Mixture components of the ``"mixture"`` prior, pseudo-inputs of the ``"vamp"`` prior.
+    guide : str
+        q(z|x), one of :data:`pyrovae.posteriors.POSTERIORS`: ``"diagonal"``, ``"full"``
+        (Cholesky factor), ``"low-rank"`` (rank ``guide_rank`` plus diagonal) or ``"flow"``
+        (``num_flows`` conditional inverse autoregressive flows).
+    guide_rank : int
+        Rank of the ``"low-rank"`` guide's covariance factor.
+    num_flows : int
+        Number of flows of the ``"flow"`` guide.
+    network : str
+        ``"mlp"`` or ``"conv"`` (convolutional encoder and decoder; needs ``image_shape``
+        with sides divisible by 4, e.g. 28x28 or 8x8).
+    condition_dim : int
+        Width of an observed condition y (one-hot labels or covariates) given to both the
+        encoder and the decoder: a conditional VAE p(x | z, y) q(z | x, y). 0: none.
+    top_latent_dim : int or None
+        Width of a second stochastic layer z2 above z (= z1): p(z2) p(z1 | z2) p(x | z1) with
+        guide q(z1 | x) q(z2 | z1), as in Burda et al. (2016). ``None``: one layer.
+    top_hidden_sizes : tuple of int
+        Hidden widths of the networks between z1 and z2.
     """
 
     num_features: int
@@ -76,6 +102,15 @@ class VAEConfig(_DictConfig):
     activation: str = "relu"
     likelihood: str = "bernoulli"
     image_shape: tuple[int, int] | None = None
+    prior: str = "normal"
+    prior_components: int = 10
+    guide: str = "diagonal"
+    guide_rank: int = 2
+    num_flows: int = 2
+    network: str = "mlp"
+    condition_dim: int = 0
+    top_latent_dim: int | None = None
+    top_hidden_sizes: tuple[int, ...] = (100, 100)
 
     def __post_init__(self):
         _require_positive_int("num_features", self.num_features)
@@ -92,6 +127,58 @@ class VAEConfig(_DictConfig):
                 raise ValueError(
                     f"image_shape {shape} does not hold num_features={self.num_features} pixels"
                 )
+        self._check_families()
+
+    def _check_families(self) -> None:
+        from pyrovae.posteriors import POSTERIORS
+        from pyrovae.priors import PRIORS
+
+        _require_choice("prior", self.prior, PRIORS)
+        _require_choice("guide", self.guide, POSTERIORS)
+        _require_choice("network", self.network, ("mlp", "conv"))
+        for name in ("prior_components", "guide_rank", "num_flows"):
+            _require_positive_int(name, getattr(self, name))
+        if (
+            isinstance(self.condition_dim, bool)
+            or not isinstance(self.condition_dim, int)
+            or (self.condition_dim < 0)
+        ):
+            raise ValueError(
+                f"condition_dim must be a non-negative integer, got {self.condition_dim!r}"
+            )
+        object.__setattr__(self, "top_hidden_sizes", tuple(self.top_hidden_sizes))
+        conflicts = self._conflicts()
+        if conflicts:
+            raise ValueError("invalid model specification: " + "; ".join(conflicts))
+
+    def _conflicts(self) -> list[str]:
+        """Combinations that cannot be built, each with what to change."""
+        problems = []
+        if self.network == "conv" and self.image_shape is None:
+            problems.append("network 'conv' needs image_shape (e.g. (28, 28)); or use 'mlp'")
+        if self.guide == "low-rank" and self.guide_rank >= self.latent_dim:
+            problems.append(
+                f"guide_rank {self.guide_rank} must be below latent_dim "
+                f"{self.latent_dim}; or use guide 'full'"
+            )
+        if self.prior == "vamp" and self.guide == "flow":
+            problems.append(
+                "the VampPrior is a mixture of the guide's posteriors, which a flow "
+                "guide cannot form; use guide 'diagonal', 'full' or 'low-rank'"
+            )
+        if self.prior == "vamp" and self.condition_dim:
+            problems.append("the VampPrior's pseudo-inputs carry no condition; use another prior")
+        if self.top_latent_dim is not None:
+            _require_positive_int("top_latent_dim", self.top_latent_dim)
+            for field, allowed in (("guide", "diagonal"), ("prior", "normal"), ("network", "mlp")):
+                if getattr(self, field) != allowed:
+                    problems.append(
+                        f"two stochastic layers (top_latent_dim) support {field} "
+                        f"{allowed!r} only, not {getattr(self, field)!r}"
+                    )
+            if self.condition_dim:
+                problems.append("two stochastic layers do not take a condition (condition_dim)")
+        return problems
 
 
 @dataclass(frozen=True)

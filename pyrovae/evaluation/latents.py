@@ -18,6 +18,7 @@ from pyrovae.evaluation.traces import (
     _sample_sites,
     _slice_arguments,
 )
+from pyrovae.posteriors import posterior_moments
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 """A dimension d is active when Cov_x(E_q[z_d | x]) exceeds this (Burda et al., 2016)."""
@@ -63,7 +64,8 @@ def _mutual_information(guide_fn, num_points: int) -> float:
     log_q_own = guide_fn.log_prob(z)  # (N,)
     rows = []
     for start in range(0, num_points, 256):  # (rows, N) log q(z_n | x_m) blocks
-        block = guide_fn.log_prob(z[start : start + 256].unsqueeze(1))
+        draws = z[start : start + 256].unsqueeze(1)  # expanded: conditional flows need it
+        block = guide_fn.log_prob(draws.expand(-1, num_points, -1))
         rows.append(torch.logsumexp(block.double(), dim=1) - math.log(num_points))
     log_aggregate = torch.cat(rows)
     return float((log_q_own.double() - log_aggregate).mean())
@@ -111,7 +113,7 @@ def _site_diagnostics(model_trace, guide_trace, count: int) -> dict[str, LatentU
     results = {}
     for name, guide_site in guide_sites.items():
         guide_fn = guide_site["fn"]
-        means = guide_fn.mean.reshape(count, -1).double()
+        means = posterior_moments(guide_fn)[0].reshape(count, -1).double()
         variance = means.var(0) if count > 1 else torch.zeros(means.shape[1])
         kl = per_dimension_kl(guide_fn, model_sites[name]["fn"])
         results[name] = LatentUse(

@@ -18,7 +18,9 @@ from pyrovae.evaluation.importance import evaluate
 from pyrovae.evaluation.traces import particle_terms
 from pyrovae.likelihoods import make_likelihood
 from pyrovae.models.base import LocalParamsModule
-from pyrovae.networks import MLP, GaussianEncoder
+from pyrovae.networks import MLP, ConvDecoder, ConvEncoder
+from pyrovae.posteriors import POSTERIORS, Posterior, posterior_moments
+from pyrovae.priors import PRIORS, MixturePrior, Prior, VampPrior
 from pyrovae.training import History, fit, resolve_device
 from pyrovae.validation import check_data
 
@@ -26,56 +28,121 @@ DATA_PLATE = "data"
 """Name of the plate over data points, shared by the model and the guide."""
 
 
+def join_condition(tensor: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+    """Append the condition y to the last axis of ``tensor`` (broadcast over draw dims)."""
+    if condition is None:
+        return tensor
+    return torch.cat([tensor, condition.expand(tensor.shape[:-1] + condition.shape[-1:])], -1)
+
+
+def encoder_trunk(config: VAEConfig) -> nn.Module:
+    """The guide's network from x (and the condition) to hidden features."""
+    if config.network == "conv":
+        return ConvEncoder(
+            config.image_shape,
+            out_features=config.hidden_sizes[-1] if config.hidden_sizes else 256,
+            activation=config.activation,
+            extra_features=config.condition_dim,
+        )
+    return MLP(config.num_features + config.condition_dim, config.hidden_sizes, config.activation)
+
+
+def decoder_trunk(config: VAEConfig, latent_dim: int) -> nn.Module:
+    """The model's network from z (and the condition) to the likelihood head's features."""
+    if config.network == "conv":
+        return ConvDecoder(
+            latent_dim + config.condition_dim, config.image_shape, activation=config.activation
+        )
+    return MLP(
+        latent_dim + config.condition_dim, tuple(reversed(config.hidden_sizes)), config.activation
+    )
+
+
+def make_posterior(config: VAEConfig, trunk: nn.Module) -> Posterior:
+    options = {"low-rank": {"rank": config.guide_rank}, "flow": {"num_flows": config.num_flows}}
+    return POSTERIORS[config.guide](trunk, config.latent_dim, **options.get(config.guide, {}))
+
+
+def make_prior(config: VAEConfig, posterior: Posterior) -> Prior:
+    if config.prior == "vamp":
+        return VampPrior(
+            config.latent_dim, config.num_features, posterior.distribution, config.prior_components
+        )
+    if config.prior == "mixture":
+        return MixturePrior(config.latent_dim, config.prior_components)
+    return PRIORS[config.prior](config.latent_dim)
+
+
 class VAEModel(LocalParamsModule):
-    """Generative model: z ~ Normal(0, I_L), x | z ~ likelihood(decoder(z)).
+    """Generative model: z ~ p(z) (a :mod:`pyrovae.priors` family), x | z ~ likelihood(decoder(z)).
 
     ``forward(x)`` scores observed data (sites ``"z"`` and ``"x"`` inside the plate
-    ``"data"``); ``forward(None, num_samples=n)`` generates n new data points.
+    ``"data"``); ``forward(None, num_samples=n)`` generates n new data points. With a
+    condition y (``config.condition_dim > 0``) the decoder sees (z, y).
     """
 
-    def __init__(self, config: VAEConfig):
+    def __init__(self, config: VAEConfig, posterior: Posterior):
         super().__init__()
         self.latent_dim = config.latent_dim
-        self.decoder = MLP(
-            config.latent_dim, tuple(reversed(config.hidden_sizes)), config.activation
-        )
+        self.latent_prior = make_prior(config, posterior)
+        self.decoder = decoder_trunk(config, config.latent_dim)
         self.likelihood = make_likelihood(
             config.likelihood, self.decoder.out_features, config.num_features
         )
 
     def prior(self, reference: torch.Tensor) -> dist.TorchDistribution:
-        """p(z) = Normal(0, I_L), on the device and dtype of ``reference``."""
-        zero = reference.new_zeros(())
-        return dist.Normal(zero, zero + 1.0).expand([self.latent_dim]).to_event(1)
+        """p(z), on the device and dtype of ``reference``."""
+        return self.latent_prior(reference)
 
-    def observation(self, z: torch.Tensor) -> dist.TorchDistribution:
+    def observation(self, z: torch.Tensor, condition: torch.Tensor | None = None):
         """p(x | z) with event dimension 1 over the features."""
-        return self.likelihood(self.decoder(z))
+        return self.likelihood(self.decoder(join_condition(z, condition)))
 
-    def forward(self, x: torch.Tensor | None = None, num_samples: int | None = None):
+    def generate(self, num_samples: int, condition: torch.Tensor | None = None):
+        """(E[x|z], x) for z ~ p(z), ``num_samples`` of each."""
+        z = self.prior(next(self.parameters())).sample((num_samples,))
+        hidden = self.decoder(join_condition(z, condition))
+        return self.likelihood.mean(hidden), self.likelihood(hidden).sample()
+
+    def decode(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        return self.likelihood.mean(self.decoder(join_condition(z, condition)))
+
+    def forward(self, x=None, condition=None, num_samples: int | None = None):
         reference = x if x is not None else next(self.parameters())
         size = x.shape[0] if x is not None else num_samples
         with pyro.plate(DATA_PLATE, size):
             z = pyro.sample("z", self.prior(reference))
-            return pyro.sample("x", self.observation(z), obs=x)
+            return pyro.sample("x", self.observation(z, condition), obs=x)
 
 
 class VAEGuide(LocalParamsModule):
-    """Amortized guide q(z|x) = Normal(mu_phi(x), diag sigma_phi(x)^2), site ``"z"``."""
+    """Amortized guide q(z|x) (a :mod:`pyrovae.posteriors` family), site ``"z"``.
+
+    ``encoder`` is the posterior family with its trunk: ``encoder(x)`` returns the family's
+    parameters (``(loc, scale)`` for the diagonal Gaussian), ``encoder.distribution(x)``
+    the distribution.
+    """
 
     def __init__(self, config: VAEConfig):
         super().__init__()
-        self.encoder = GaussianEncoder(
-            config.num_features, config.hidden_sizes, config.latent_dim, config.activation
-        )
+        self.encoder = make_posterior(config, encoder_trunk(config))
 
-    def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
-        loc, scale = self.encoder(x)
-        return dist.Normal(loc, scale, validate_args=False).to_event(1)
+    def posterior(self, x: torch.Tensor, condition: torch.Tensor | None = None):
+        return self.encoder.distribution(join_condition(x, condition))
 
-    def forward(self, x: torch.Tensor, num_samples: int | None = None):
+    def forward(self, x, condition=None, num_samples: int | None = None):
         with pyro.plate(DATA_PLATE, x.shape[0]):
-            return pyro.sample("z", self.posterior(x))
+            return pyro.sample("z", self.posterior(x, condition))
+
+
+def build_model_and_guide(config: VAEConfig) -> tuple[LocalParamsModule, LocalParamsModule]:
+    """The Pyro model and guide a :class:`VAEConfig` describes."""
+    if config.top_latent_dim is not None:
+        from pyrovae.models.hierarchical import TwoLayerGuide, TwoLayerModel
+
+        return TwoLayerModel(config), TwoLayerGuide(config)
+    guide = VAEGuide(config)
+    return VAEModel(config, guide.encoder), guide
 
 
 class VAE(nn.Module):
@@ -122,8 +189,7 @@ class VAE(nn.Module):
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            self.model = VAEModel(config)
-            self.guide = VAEGuide(config)
+            self.model, self.guide = build_model_and_guide(config)
         self.history_ = None
         self.train_config_: TrainConfig | None = None
         self.optimizer_: torch.optim.Optimizer | None = None
@@ -139,6 +205,34 @@ class VAE(nn.Module):
         tensor = check_data(x, self.config.num_features, self.model.likelihood, name)
         return tensor.to(device=self.device, dtype=next(self.parameters()).dtype)
 
+    def inputs(self, x, condition=None, name: str = "data") -> tuple[torch.Tensor, ...]:
+        """The model's arguments: validated ``(x,)`` or, for a conditional VAE, ``(x, y)``."""
+        data = self.check_data(x, name)
+        if not self.config.condition_dim:
+            if condition is not None:
+                raise ValueError("this model takes no condition (condition_dim is 0)")
+            return (data,)
+        if condition is None:
+            raise ValueError(
+                f"this conditional VAE needs a condition of width "
+                f"{self.config.condition_dim} for every data point"
+            )
+        condition = check_data(condition, self.config.condition_dim, None, f"{name} condition")
+        if condition.shape[0] != data.shape[0]:
+            raise ValueError(
+                f"{name} has {data.shape[0]} data points but its condition has "
+                f"{condition.shape[0]} rows"
+            )
+        return data, condition.to(data)
+
+    def _condition(self, condition, rows: int) -> torch.Tensor | None:
+        if condition is None:
+            return None
+        condition = torch.as_tensor(
+            condition, device=self.device, dtype=next(self.parameters()).dtype
+        )
+        return condition.expand(rows, self.config.condition_dim)
+
     def fit(self, train, validation=None, checkpoint_path=None, resume=False, **train_options):
         """Fit by stochastic variational inference; see :class:`pyrovae.config.TrainConfig`
         for ``train_options`` and :func:`pyrovae.training.fit` for checkpointing and resuming.
@@ -152,26 +246,28 @@ class VAE(nn.Module):
         return fit(self, train, validation, config, checkpoint_path=checkpoint_path, resume=resume)
 
     @torch.no_grad()
-    def encode(self, x) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and standard deviation of q(z|x), each of shape (N, L)."""
-        return self.guide.encoder(self.check_data(x))
+    def encode(self, x, condition=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and standard deviation of q(z|x), each of shape (N, L) (Monte Carlo
+        over 256 draws for flow guides, whose moments have no closed form)."""
+        return posterior_moments(self.guide.posterior(*self.inputs(x, condition)))
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, condition=None) -> torch.Tensor:
         """Expected observation E[x|z] (pixel probabilities for Bernoulli), shape (N, D)."""
         z = torch.as_tensor(z, device=self.device, dtype=next(self.parameters()).dtype)
-        return self.model.likelihood.mean(self.model.decoder(z))
+        return self.model.decode(z, self._condition(condition, z.shape[0]))
 
     @torch.no_grad()
-    def reconstruct(self, x) -> torch.Tensor:
+    def reconstruct(self, x, condition=None) -> torch.Tensor:
         """Decoder mean at the posterior mean, E[x | z = mu_phi(x)], shape (N, D)."""
-        return self.decode(self.encode(x)[0])
+        return self.decode(self.encode(x, condition)[0], condition)
 
     @torch.no_grad()
     def sample(
-        self, num_samples: int, seed: int | None = None
+        self, num_samples: int, seed: int | None = None, condition=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw z ~ p(z) and x ~ p(x|z).
+        """Draw z ~ p(z) and x ~ p(x|z) (given ``condition`` for a conditional VAE: one row
+        for all samples or one per sample).
 
         Returns
         -------
@@ -182,12 +278,11 @@ class VAE(nn.Module):
         """
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if bool(self.config.condition_dim) != (condition is not None):
+            raise ValueError("pass a condition exactly when the model is conditional")
         if seed is not None:
             pyro.set_rng_seed(seed)
-        reference = next(self.parameters())
-        z = self.model.prior(reference).sample((num_samples,))
-        hidden = self.model.decoder(z)
-        return self.model.likelihood.mean(hidden), self.model.likelihood(hidden).sample()
+        return self.model.generate(num_samples, self._condition(condition, num_samples))
 
     def elbo(
         self,
@@ -196,6 +291,8 @@ class VAE(nn.Module):
         analytic_kl: bool = False,
         seed: int | None = None,
         max_pairs: int = 2**20,
+        *,
+        condition=None,
     ) -> torch.Tensor:
         """Per-datapoint evidence lower bound, in nats (higher is better), shape (N,).
 
@@ -203,6 +300,8 @@ class VAE(nn.Module):
         ----------
         x : array-like of shape (N, D)
             Data.
+        condition : array-like of shape (N, C), optional
+            The condition y of each data point, for a conditional VAE.
         num_samples : int
             Draws z ~ q(z|x) averaged per data point.
         analytic_kl : bool
@@ -212,13 +311,13 @@ class VAE(nn.Module):
         max_pairs : int
             Memory bound: most (draw, data point) pairs evaluated at once.
         """
-        data = self.check_data(x)
+        inputs = self.inputs(x, condition)
         if seed is not None:
             pyro.set_rng_seed(seed)
         terms = particle_terms(
             self.model,
             self.guide,
-            data,
+            *inputs,
             num_particles=num_samples,
             data_plate=DATA_PLATE,
             max_pairs=max_pairs,
@@ -236,6 +335,8 @@ class VAE(nn.Module):
         max_pairs: int = 2**20,
         latent_diagnostics: bool = True,
         progress: bool = False,
+        *,
+        condition=None,
     ):
         """Importance-sampled log-likelihood, ELBOs and IWAE_k bounds per data point.
 
@@ -249,7 +350,7 @@ class VAE(nn.Module):
         return evaluate(
             self.model,
             self.guide,
-            self.check_data(x),
+            *self.inputs(x, condition),
             num_samples=num_samples,
             ks=ks,
             data_plate=DATA_PLATE,
