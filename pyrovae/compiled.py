@@ -53,31 +53,29 @@ class CompiledStep:
         self.names, self.parameters = zip(*loss_module.named_parameters(), strict=True)
         self._graphs: dict[tuple, Callable] = {}
 
-    def reference(self, params, batch):
+    def reference(self, params, batch: tuple):
         """The traced function: the loss per data point and its gradients, computed eagerly."""
         state = dict(zip(self.names, params, strict=True))
         with pyro.validation_enabled(False):
-            loss = functional_call(self.loss_module, state, (batch,)) / batch.shape[0]
+            loss = functional_call(self.loss_module, state, batch) / batch[0].shape[0]
         grads = torch.autograd.grad(loss, params)
         return loss.detach(), grads
 
-    def graph_for(self, batch: torch.Tensor) -> Callable:
+    def graph_for(self, batch: tuple) -> Callable:
         key = (
-            tuple(batch.shape),
-            batch.dtype,
-            batch.device,
+            tuple((tuple(t.shape), t.dtype, t.device) for t in batch),
             _objective_state(self.loss_module.elbo),
         )
         if key not in self._graphs:
             self._graphs[key] = self._trace(batch)
         return self._graphs[key]
 
-    def _trace(self, batch: torch.Tensor) -> Callable:
+    def _trace(self, batch: tuple) -> Callable:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         params = [p.detach().requires_grad_(p.requires_grad) for p in self.parameters]
         rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if batch.is_cuda else None
+        cuda_rng = torch.cuda.get_rng_state_all() if batch[0].is_cuda else None
         graph = make_fx(lambda params, batch: self.reference(params, batch))(params, batch)
         torch.set_rng_state(rng)  # tracing drew real random numbers: give them back
         if cuda_rng is not None:
@@ -86,7 +84,8 @@ class CompiledStep:
             return torch.compile(graph, dynamic=False)
         return graph
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
+        """One batch of the model's arguments (e.g. ``x`` or ``x, y``); sets the gradients."""
         loss, grads = self.graph_for(batch)(list(self.parameters), batch)
         for parameter, grad in zip(self.parameters, grads, strict=True):
             parameter.grad = grad

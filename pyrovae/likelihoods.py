@@ -38,6 +38,7 @@ data are validated once, up front, by :meth:`Likelihood.check_support`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import ClassVar
 
 import pyro.distributions as dist
@@ -51,10 +52,11 @@ from pyrovae.networks import positive_scale
 class Likelihood(nn.Module):
     """Base class: ``forward(hidden)`` returns p(x|z) as a distribution with one event dim.
 
-    The constructor builds one ``nn.Linear(in_features, head_width * num_features)`` attribute
-    per name in :attr:`heads` and one zero-initialised ``(num_features,)`` parameter per name
-    in :attr:`per_feature`; subclasses declare these and implement :meth:`forward` and
-    :meth:`out_of_support`.
+    The constructor builds one ``head(in_features, head_width * num_features)`` attribute
+    per name in :attr:`heads` (``head`` is ``nn.Linear`` unless the decoder supplies its own,
+    e.g. a per-pixel head for convolutional decoders) and one zero-initialised
+    ``(num_features,)`` parameter per name in :attr:`per_feature`; subclasses declare these
+    and implement :meth:`forward` and :meth:`out_of_support`.
     """
 
     name: ClassVar[str]
@@ -66,11 +68,13 @@ class Likelihood(nn.Module):
     per_feature: ClassVar[tuple[str, ...]] = ()
     """Unconstrained per-feature parameters shared over z (initialised at zero)."""
 
-    def __init__(self, in_features: int, num_features: int):
+    def __init__(
+        self, in_features: int, num_features: int, head: Callable[[int, int], nn.Module] = nn.Linear
+    ):
         super().__init__()
         self.num_features = num_features
-        for head in self.heads:
-            setattr(self, head, nn.Linear(in_features, self.head_width * num_features))
+        for name in self.heads:
+            setattr(self, name, head(in_features, self.head_width * num_features))
         for parameter in self.per_feature:
             setattr(self, parameter, nn.Parameter(torch.zeros(num_features)))
 
@@ -257,8 +261,14 @@ class NormalFixedLikelihood(NormalLikelihood):
     name = "normal-fixed"
     heads = ("loc",)
 
-    def __init__(self, in_features: int, num_features: int, scale: float = 1.0):
-        super().__init__(in_features, num_features)
+    def __init__(
+        self,
+        in_features: int,
+        num_features: int,
+        head: Callable[[int, int], nn.Module] = nn.Linear,
+        scale: float = 1.0,
+    ):
+        super().__init__(in_features, num_features, head)
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {scale!r}")
         self.register_buffer("fixed_scale", torch.tensor(float(scale)))

@@ -68,14 +68,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def prepare_data(vae, x, config: TrainConfig, name: str) -> torch.Tensor:
-    """Validate data for fitting (after static binarization, if requested)."""
-    if x is None:
+def prepare_data(vae, data, config: TrainConfig, name: str) -> tuple[torch.Tensor, ...] | None:
+    """Validate data for fitting (after static binarization, if requested).
+
+    ``data`` is x, or the tuple ``(x, y)`` for a conditional VAE; returns the model's
+    arguments as a tuple of tensors.
+    """
+    if data is None:
         return None
+    x, condition = data if isinstance(data, tuple) and len(data) == 2 else (data, None)
     tensor = vae.check_data(x, name) if config.binarize == "none" else _binarizable(vae, x, name)
     if config.binarize == "static":
         tensor = threshold(tensor)
-    return tensor
+    return vae.with_condition(tensor, condition, name)
 
 
 def _binarizable(vae, x, name: str) -> torch.Tensor:
@@ -122,17 +127,18 @@ def fit(
     device = resolve_device(config.device)
     train = prepare_data(vae, train, config, "training data")
     validation = prepare_data(vae, validation, config, "validation data")
-    if config.batch_size > train.shape[0]:
+    if config.batch_size > train[0].shape[0]:
         raise ValueError(
-            f"batch_size={config.batch_size} exceeds the {train.shape[0]} training data points"
+            f"batch_size={config.batch_size} exceeds the {train[0].shape[0]} training data points"
         )
     saved = _read_resume_checkpoint(vae, config, checkpoint_path) if resume else None
 
     pyro.set_rng_seed(config.seed)
     vae.to(device)
-    train = train.to(device=device, dtype=next(vae.parameters()).dtype)
+    dtype = next(vae.parameters()).dtype
+    train = tuple(t.to(device=device, dtype=dtype) for t in train)
     if validation is not None:
-        validation = validation.to(train)
+        validation = tuple(t.to(device=device, dtype=dtype) for t in validation)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     objective = make_objective(config.objective, config.num_particles, **config.objective_options())
     loss_module = objective(vae.model, vae.guide)
@@ -263,19 +269,20 @@ def _gradient_norm(parameters: list[torch.Tensor], clip_norm: float | None) -> t
     return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
-def _train_epoch(loss_module, optimizer, train, config: TrainConfig, generator, epoch: int):
-    order = torch.randperm(train.shape[0], device=train.device, generator=generator)
+def _train_epoch(loss_module, optimizer, train: tuple, config: TrainConfig, generator, epoch: int):
+    size, device = train[0].shape[0], train[0].device
+    order = torch.randperm(size, device=device, generator=generator)
     batches = order.split(config.batch_size)
-    losses = torch.zeros(len(batches), device=train.device, dtype=torch.float64)
-    grad_norms = torch.zeros(len(batches), device=train.device)
-    check_each_step = train.device.type == "cpu"  # free on the CPU; on a GPU, once per epoch
+    losses = torch.zeros(len(batches), device=device, dtype=torch.float64)
+    grad_norms = torch.zeros(len(batches), device=device)
+    check_each_step = device.type == "cpu"  # free on the CPU; on a GPU, once per epoch
     bar = tqdm(
         batches, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False
     )
     for step, index in enumerate(bar):
-        batch = train[index]
+        batch = tuple(t[index] for t in train)
         if config.binarize == "dynamic":
-            batch = binarize(batch, generator=generator)
+            batch = (binarize(batch[0], generator=generator), *batch[1:])
         losses[step], grad_norms[step] = train_step(
             loss_module,
             optimizer,
@@ -287,14 +294,14 @@ def _train_epoch(loss_module, optimizer, train, config: TrainConfig, generator, 
         if check_each_step:
             _check_finite(losses, grad_norms, epoch, upto=step + 1)
     _check_finite(losses, grad_norms, epoch)
-    sizes = torch.tensor([len(index) for index in batches], device=train.device)
-    return -float((losses * sizes).sum()) / train.shape[0]
+    sizes = torch.tensor([len(index) for index in batches], device=device)
+    return -float((losses * sizes).sum()) / size
 
 
 def train_step(
     loss_module,
     optimizer,
-    batch: torch.Tensor,
+    batch: torch.Tensor | tuple[torch.Tensor, ...],
     clip_norm: float | None = None,
     validate: bool = False,
     guard: bool = True,
@@ -306,8 +313,9 @@ def train_step(
     loss_module : torch.nn.Module or CompiledStep
         ``objective(model, guide)``, or its compiled form.
     optimizer : torch.optim.Optimizer
-    batch : torch.Tensor
-        Data points of this step, on the parameters' device.
+    batch : torch.Tensor or tuple of torch.Tensor
+        Data points of this step (the model's arguments, e.g. ``(x, y)``), on the
+        parameters' device.
     clip_norm : float, optional
         Clip the gradients' global 2-norm to this value.
     validate : bool
@@ -322,6 +330,7 @@ def train_step(
         Minus the objective per data point (nats) and the gradients' 2-norm before clipping,
         as detached 0-d tensors on the device.
     """
+    batch = batch if isinstance(batch, tuple) else (batch,)
     loss = _loss_and_gradients(loss_module, batch, validate)
     grad_norm = _gradient_norm(_parameters(optimizer), clip_norm)
     if not guard or bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
@@ -333,14 +342,14 @@ def _parameters(optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _loss_and_gradients(loss_module, batch: torch.Tensor, validate: bool) -> torch.Tensor:
+def _loss_and_gradients(loss_module, batch: tuple, validate: bool) -> torch.Tensor:
     """Loss per data point of one batch; sets the parameters' ``.grad``."""
     if isinstance(loss_module, CompiledStep):
-        return loss_module(batch)
+        return loss_module(*batch)
     for parameter in loss_module.parameters():
         parameter.grad = None
     with pyro.validation_enabled(validate):
-        loss = loss_module(batch) / batch.shape[0]
+        loss = loss_module(*batch) / batch[0].shape[0]
     loss.backward()
     return loss.detach()
 
@@ -359,11 +368,13 @@ def _check_finite(
         )
 
 
-def _validation_elbo(vae, validation, config: TrainConfig) -> float | None:
+def _validation_elbo(vae, validation: tuple | None, config: TrainConfig) -> float | None:
     if validation is None:
         return None
+    x, *condition = validation
     if config.binarize == "dynamic":
-        generator = torch.Generator(device=validation.device).manual_seed(config.seed + 1)
-        validation = binarize(validation, generator=generator)
+        generator = torch.Generator(device=x.device).manual_seed(config.seed + 1)
+        x = binarize(x, generator=generator)
     analytic = config.objective in ANALYTIC_KL_OBJECTIVES
-    return float(vae.elbo(validation, num_samples=1, analytic_kl=analytic).mean())
+    condition = condition[0] if condition else None
+    return float(vae.elbo(x, num_samples=1, analytic_kl=analytic, condition=condition).mean())

@@ -50,7 +50,7 @@ def test_tracing_does_not_consume_random_numbers():
     compiled = CompiledStep(make_objective("trace_elbo", traceable=True)(vae.model, vae.guide))
     x = (torch.rand(12, 20) > 0.5).float()
     state = torch.get_rng_state()
-    compiled.graph_for(x)
+    compiled.graph_for((x,))
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -59,11 +59,11 @@ def test_a_new_batch_shape_or_objective_setting_retraces():
     objective = make_objective("annealed_meanfield_elbo", traceable=True, kl_warmup_epochs=2)
     compiled = CompiledStep(objective(vae.model, vae.guide))
     x = (torch.rand(12, 20) > 0.5).float()
-    graphs = {id(compiled.graph_for(x)), id(compiled.graph_for(x[:5]))}
+    graphs = {id(compiled.graph_for((x,))), id(compiled.graph_for((x[:5],)))}
     objective.start_epoch(1)
-    graphs.add(id(compiled.graph_for(x)))
+    graphs.add(id(compiled.graph_for((x,))))
     assert len(graphs) == 3
-    assert compiled.graph_for(x[:5]) is compiled.graph_for(x[:5])
+    assert compiled.graph_for((x[:5],)) is compiled.graph_for((x[:5],))
 
 
 @pytest.mark.parametrize("objective", ["trace_elbo", "trace_meanfield_elbo", "dreg"])

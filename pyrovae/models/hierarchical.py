@@ -33,7 +33,10 @@ class TwoLayerModel(LocalParamsModule):
             config.latent_dim, tuple(reversed(config.hidden_sizes)), config.activation
         )
         self.likelihood = make_likelihood(
-            config.likelihood, self.decoder.out_features, config.num_features
+            config.likelihood,
+            self.decoder.out_features,
+            config.num_features,
+            head=self.decoder.make_head,
         )
 
     def prior(self, reference: torch.Tensor) -> dist.TorchDistribution:

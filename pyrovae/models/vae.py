@@ -87,7 +87,10 @@ class VAEModel(LocalParamsModule):
         self.latent_prior = make_prior(config, posterior)
         self.decoder = decoder_trunk(config, config.latent_dim)
         self.likelihood = make_likelihood(
-            config.likelihood, self.decoder.out_features, config.num_features
+            config.likelihood,
+            self.decoder.out_features,
+            config.num_features,
+            head=self.decoder.make_head,
         )
 
     def prior(self, reference: torch.Tensor) -> dist.TorchDistribution:
@@ -207,7 +210,10 @@ class VAE(nn.Module):
 
     def inputs(self, x, condition=None, name: str = "data") -> tuple[torch.Tensor, ...]:
         """The model's arguments: validated ``(x,)`` or, for a conditional VAE, ``(x, y)``."""
-        data = self.check_data(x, name)
+        return self.with_condition(self.check_data(x, name), condition, name)
+
+    def with_condition(self, data: torch.Tensor, condition, name: str = "data"):
+        """``(data,)``, or ``(data, y)`` with the condition y checked against the data."""
         if not self.config.condition_dim:
             if condition is not None:
                 raise ValueError("this model takes no condition (condition_dim is 0)")
@@ -236,6 +242,8 @@ class VAE(nn.Module):
     def fit(self, train, validation=None, checkpoint_path=None, resume=False, **train_options):
         """Fit by stochastic variational inference; see :class:`pyrovae.config.TrainConfig`
         for ``train_options`` and :func:`pyrovae.training.fit` for checkpointing and resuming.
+
+        ``train`` and ``validation`` are x, or ``(x, y)`` tuples for a conditional VAE.
 
         Returns
         -------
