@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pyrovae.compiled import CompiledStep
 from pyrovae.config import TrainConfig
-from pyrovae.data import binarize, threshold
+from pyrovae.data import binarize
 from pyrovae.objectives import ANALYTIC_KL_OBJECTIVES, make_objective
 from pyrovae.randomness import capture_rng_state, restore_rng_state
 
@@ -68,30 +68,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def prepare_data(vae, data, config: TrainConfig, name: str) -> tuple[torch.Tensor, ...] | None:
-    """Validate data for fitting (after static binarization, if requested).
-
-    ``data`` is x, or the tuple ``(x, y)`` for a conditional VAE; returns the model's
-    arguments as a tuple of tensors.
-    """
-    if data is None:
-        return None
-    x, condition = data if isinstance(data, tuple) and len(data) == 2 else (data, None)
-    tensor = vae.check_data(x, name) if config.binarize == "none" else _binarizable(vae, x, name)
-    if config.binarize == "static":
-        tensor = threshold(tensor)
-    return vae.with_condition(tensor, condition, name)
-
-
-def _binarizable(vae, x, name: str) -> torch.Tensor:
-    from pyrovae.validation import check_data
-
-    tensor = check_data(x, vae.config.num_features, None, name)
-    if bool(((tensor < 0) | (tensor > 1)).any()):
-        raise ValueError(f"{name} must lie in [0, 1] to be binarized (got values outside)")
-    return tensor
-
-
 class NonFiniteTrainingError(FloatingPointError):
     """A training step produced a NaN or infinite loss or gradient norm."""
 
@@ -109,7 +85,8 @@ class NonFiniteTrainingError(FloatingPointError):
 def fit(
     vae, train, validation, config: TrainConfig, checkpoint_path=None, resume: bool = False
 ) -> History:
-    """Fit ``vae`` (a :class:`pyrovae.VAE`) and return its :class:`History`.
+    """Fit ``vae`` (a :class:`pyrovae.models.latent_variable.LatentVariableModel`, e.g. a
+    :class:`pyrovae.VAE`) and return its :class:`History`.
 
     All inputs are validated, and a checkpoint to resume from is read and checked, before
     any parameter, RNG or optimizer state changes.
@@ -125,8 +102,9 @@ def fit(
         larger ``epochs`` extends the run).
     """
     device = resolve_device(config.device)
-    train = prepare_data(vae, train, config, "training data")
-    validation = prepare_data(vae, validation, config, "validation data")
+    train = vae.training_inputs(train, config, "training data")
+    if validation is not None:
+        validation = vae.training_inputs(validation, config, "validation data")
     if config.batch_size > train[0].shape[0]:
         raise ValueError(
             f"batch_size={config.batch_size} exceeds the {train[0].shape[0]} training data points"
@@ -193,18 +171,13 @@ def _training_state(epoch: int, generator: torch.Generator) -> dict:
 
 def _read_resume_checkpoint(vae, config: TrainConfig, checkpoint_path) -> dict:
     from pyrovae.checkpoint import CheckpointError, read_checkpoint
-    from pyrovae.config import VAEConfig
 
     if checkpoint_path is None:
         raise ValueError("resume=True needs a checkpoint_path to resume from")
     payload = read_checkpoint(checkpoint_path)
     if payload.get("training_state") is None or payload.get("train_config") is None:
         raise CheckpointError(f"{checkpoint_path} holds no training state to resume from")
-    if VAEConfig.from_dict(payload["config"]) != vae.config:
-        raise ValueError(
-            f"cannot resume: the model in {checkpoint_path} has config {payload['config']}, "
-            f"not {vae.config.to_dict()}"
-        )
+    vae.check_resumable(payload, checkpoint_path)
     config.resumable_from(TrainConfig.from_dict(payload["train_config"]))
     done = int(payload["training_state"]["epoch"])
     if config.epochs < done:
@@ -371,10 +344,9 @@ def _check_finite(
 def _validation_elbo(vae, validation: tuple | None, config: TrainConfig) -> float | None:
     if validation is None:
         return None
-    x, *condition = validation
+    x, *rest = validation
     if config.binarize == "dynamic":
         generator = torch.Generator(device=x.device).manual_seed(config.seed + 1)
         x = binarize(x, generator=generator)
     analytic = config.objective in ANALYTIC_KL_OBJECTIVES
-    condition = condition[0] if condition else None
-    return float(vae.elbo(x, num_samples=1, analytic_kl=analytic, condition=condition).mean())
+    return float(vae.elbo_of((x, *rest), num_samples=1, analytic_kl=analytic).mean())

@@ -125,8 +125,11 @@ def _closed_form_kl(guide_site: dict, model_site: dict) -> torch.Tensor | None:
 
 
 def guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -> int:
-    """Number of nested plates in the model and guide, found by running them once."""
-    with poutine.block(), torch.no_grad():
+    """Number of nested plates in the model and guide, found by running them once (on a
+    private copy of the RNG streams, so seeded draws that follow are unchanged)."""
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+    cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
+    with torch.random.fork_rng(devices=cuda), poutine.block(), torch.no_grad():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs

@@ -11,17 +11,16 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyrovae import __version__
-from pyrovae.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from pyrovae.checkpoint import CheckpointError, read_checkpoint
 from pyrovae.config import TrainConfig, VAEConfig
-from pyrovae.evaluation.importance import evaluate
-from pyrovae.evaluation.traces import particle_terms
+from pyrovae.data import threshold
 from pyrovae.likelihoods import make_likelihood
 from pyrovae.models.base import LocalParamsModule
+from pyrovae.models.latent_variable import LatentVariableModel
 from pyrovae.networks import MLP, ConvDecoder, ConvEncoder
 from pyrovae.posteriors import POSTERIORS, Posterior, posterior_moments
 from pyrovae.priors import PRIORS, MixturePrior, Prior, VampPrior
-from pyrovae.training import History, fit, resolve_device
+from pyrovae.training import resolve_device
 from pyrovae.validation import check_data
 
 DATA_PLATE = "data"
@@ -148,7 +147,7 @@ def build_model_and_guide(config: VAEConfig) -> tuple[LocalParamsModule, LocalPa
     return VAEModel(config, guide.encoder), guide
 
 
-class VAE(nn.Module):
+class VAE(LatentVariableModel):
     """Variational autoencoder fitted by amortized variational inference.
 
     Parameters
@@ -183,25 +182,16 @@ class VAE(nn.Module):
     """
 
     def __init__(self, config: VAEConfig | None = None, seed: int | None = None, **options):
-        super().__init__()
         if config is None:
             config = VAEConfig.from_dict(options)
         elif options:
             raise TypeError("pass either a VAEConfig or keyword options, not both")
-        self.config = config
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            self.model, self.guide = build_model_and_guide(config)
-        self.history_ = None
-        self.train_config_: TrainConfig | None = None
-        self.optimizer_: torch.optim.Optimizer | None = None
-        self.saved_optimizer_state_: dict | None = None
-        self.metadata_: dict = {}
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
+            model, guide = build_model_and_guide(config)
+        super().__init__(model, guide, DATA_PLATE)
+        self.config = config
 
     def check_data(self, x, name: str = "data") -> torch.Tensor:
         """Validate x (shape, finiteness, likelihood support) and move it to the model's device."""
@@ -211,6 +201,19 @@ class VAE(nn.Module):
     def inputs(self, x, condition=None, name: str = "data") -> tuple[torch.Tensor, ...]:
         """The model's arguments: validated ``(x,)`` or, for a conditional VAE, ``(x, y)``."""
         return self.with_condition(self.check_data(x, name), condition, name)
+
+    def training_inputs(self, data, config: TrainConfig, name: str) -> tuple[torch.Tensor, ...]:
+        """x (binarized as ``config.binarize`` asks) or ``(x, y)``, validated for fitting."""
+        x, condition = data if isinstance(data, tuple) and len(data) == 2 else (data, None)
+        if config.binarize == "none":
+            return self.with_condition(self.check_data(x, name), condition, name)
+        tensor = check_data(x, self.config.num_features, None, name)
+        if bool(((tensor < 0) | (tensor > 1)).any()):
+            raise ValueError(f"{name} must lie in [0, 1] to be binarized (got values outside)")
+        tensor = tensor.to(device=self.device, dtype=next(self.parameters()).dtype)
+        if config.binarize == "static":
+            tensor = threshold(tensor)
+        return self.with_condition(tensor, condition, name)
 
     def with_condition(self, data: torch.Tensor, condition, name: str = "data"):
         """``(data,)``, or ``(data, y)`` with the condition y checked against the data."""
@@ -238,20 +241,6 @@ class VAE(nn.Module):
             condition, device=self.device, dtype=next(self.parameters()).dtype
         )
         return condition.expand(rows, self.config.condition_dim)
-
-    def fit(self, train, validation=None, checkpoint_path=None, resume=False, **train_options):
-        """Fit by stochastic variational inference; see :class:`pyrovae.config.TrainConfig`
-        for ``train_options`` and :func:`pyrovae.training.fit` for checkpointing and resuming.
-
-        ``train`` and ``validation`` are x, or ``(x, y)`` tuples for a conditional VAE.
-
-        Returns
-        -------
-        pyrovae.training.History
-            Per-epoch train and validation ELBO (nats per data point, higher is better).
-        """
-        config = TrainConfig.from_dict(train_options)
-        return fit(self, train, validation, config, checkpoint_path=checkpoint_path, resume=resume)
 
     @torch.no_grad()
     def encode(self, x, condition=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,20 +308,7 @@ class VAE(nn.Module):
         max_pairs : int
             Memory bound: most (draw, data point) pairs evaluated at once.
         """
-        inputs = self.inputs(x, condition)
-        if seed is not None:
-            pyro.set_rng_seed(seed)
-        terms = particle_terms(
-            self.model,
-            self.guide,
-            *inputs,
-            num_particles=num_samples,
-            data_plate=DATA_PLATE,
-            max_pairs=max_pairs,
-            max_plate_nesting=1,
-        )
-        per_draw = terms.log_p_obs - terms.kl if analytic_kl else terms.log_weights
-        return per_draw.double().mean(0)
+        return self.elbo_of(self.inputs(x, condition), num_samples, analytic_kl, seed, max_pairs)
 
     def evaluate(
         self,
@@ -355,39 +331,26 @@ class VAE(nn.Module):
         -------
         pyrovae.evaluation.importance.EvaluationResult
         """
-        return evaluate(
-            self.model,
-            self.guide,
-            *self.inputs(x, condition),
+        return self.evaluate_of(
+            self.inputs(x, condition),
             num_samples=num_samples,
             ks=ks,
-            data_plate=DATA_PLATE,
             max_pairs=max_pairs,
             seed=seed,
             latent_diagnostics=latent_diagnostics,
             progress=progress,
         )
 
-    def save(
-        self, path: str | Path, metadata: dict | None = None, training_state: dict | None = None
-    ) -> Path:
-        """Write config, parameters, optimizer state and history to one file (atomically).
+    def payload(self, metadata: dict | None = None, training_state: dict | None = None) -> dict:
+        """What :meth:`save` writes: also the config, so that :meth:`load` can rebuild."""
+        return {**super().payload(metadata, training_state), "config": self.config.to_dict()}
 
-        ``metadata`` (plain JSON-like values, e.g. the dataset name) is stored alongside and
-        restored as ``metadata_``. ``training_state`` (epoch and RNG states, written by
-        :func:`pyrovae.training.fit`) makes the file a checkpoint that training can resume.
-        """
-        payload = {
-            "training_state": training_state,
-            "metadata": dict(metadata or self.metadata_),
-            "library_version": __version__,
-            "config": self.config.to_dict(),
-            "model_state": self.state_dict(),
-            "train_config": None if self.train_config_ is None else self.train_config_.to_dict(),
-            "optimizer_state": None if self.optimizer_ is None else self.optimizer_.state_dict(),
-            "history": None if self.history_ is None else list(self.history_.records),
-        }
-        return write_checkpoint(payload, path)
+    def check_resumable(self, payload: dict, path) -> None:
+        if VAEConfig.from_dict(payload["config"]) != self.config:
+            raise ValueError(
+                f"cannot resume: the model in {path} has config {payload['config']}, "
+                f"not {self.config.to_dict()}"
+            )
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VAE:
@@ -397,16 +360,7 @@ class VAE(nn.Module):
         try:
             vae = cls(VAEConfig.from_dict(payload["config"]))
             vae.load_state_dict(payload["model_state"])
-            if payload.get("train_config") is not None:
-                vae.train_config_ = TrainConfig.from_dict(payload["train_config"])
-            if payload.get("history") is not None:
-                vae.history_ = History([dict(record) for record in payload["history"]])
-            optimizer_state = payload.get("optimizer_state")
-            if optimizer_state is not None and not isinstance(optimizer_state, dict):
-                raise TypeError(f"optimizer state is a {type(optimizer_state).__name__}")
+            vae.restore_records(payload)
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{path} does not hold a compatible VAE: {error}") from error
-        vae.to(device)
-        vae.saved_optimizer_state_ = payload.get("optimizer_state")
-        vae.metadata_ = dict(payload.get("metadata") or {})
-        return vae
+        return vae.to(device)
