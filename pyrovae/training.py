@@ -102,6 +102,7 @@ def fit(
         larger ``epochs`` extends the run).
     """
     device = resolve_device(config.device)
+    vae.check_objective(config)
     train = vae.training_inputs(train, config, "training data")
     if validation is not None:
         validation = vae.training_inputs(validation, config, "validation data")

@@ -84,6 +84,9 @@ class LatentVariableModel(nn.Module):
         return self.inputs(*(data if isinstance(data, tuple) else (data,)), name=name)
 
     # -- fitting -----------------------------------------------------------------------
+    def check_objective(self, config: TrainConfig) -> None:
+        """Raise if ``config``'s objective cannot fit this model (before anything changes)."""
+
     def fit(self, train, validation=None, checkpoint_path=None, resume=False, **train_options):
         """Fit by stochastic variational inference; see :class:`pyrovae.config.TrainConfig`
         for ``train_options`` and :func:`pyrovae.training.fit` for checkpointing and resuming.

@@ -18,6 +18,7 @@ from pyrovae.likelihoods import make_likelihood
 from pyrovae.models.base import LocalParamsModule
 from pyrovae.models.latent_variable import LatentVariableModel
 from pyrovae.networks import MLP, ConvDecoder, ConvEncoder
+from pyrovae.objectives import ANALYTIC_KL_OBJECTIVES
 from pyrovae.posteriors import POSTERIORS, Posterior, posterior_moments
 from pyrovae.priors import PRIORS, MixturePrior, Prior, VampPrior
 from pyrovae.training import resolve_device
@@ -214,6 +215,25 @@ class VAE(LatentVariableModel):
         if config.binarize == "static":
             tensor = threshold(tensor)
         return self.with_condition(tensor, condition, name)
+
+    def check_objective(self, config: TrainConfig) -> None:
+        """Analytic-KL objectives need a guide and prior with a closed-form KL."""
+        if config.objective not in ANALYTIC_KL_OBJECTIVES:
+            return
+        lacking = [
+            f"{kind} {name!r}"
+            for kind, name, registry in (
+                ("guide", self.config.guide, POSTERIORS),
+                ("prior", self.config.prior, PRIORS),
+            )
+            if not registry[name].closed_form_kl
+        ]
+        if lacking:
+            raise ValueError(
+                f"objective {config.objective!r} needs the KL in closed form, which the "
+                f"{' and the '.join(lacking)} do not have; use 'trace_elbo' (or 'iwae', "
+                "'stl', 'dreg')"
+            )
 
     def with_condition(self, data: torch.Tensor, condition, name: str = "data"):
         """``(data,)``, or ``(data, y)`` with the condition y checked against the data."""
