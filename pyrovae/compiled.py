@@ -80,6 +80,8 @@ class CompiledStep:
         torch.set_rng_state(rng)  # tracing drew real random numbers: give them back
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+        graph.graph.eliminate_dead_code()  # terms the objective computes but does not use
+        graph.recompile()
         if self.backend == "inductor":
             return torch.compile(graph, dynamic=False)
         return graph

@@ -127,7 +127,10 @@ def _last_axis_dot(tensor: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """sum_d tensor[..., d] * other[..., d] with broadcasting, without a full-size product when
     ``other`` is shared across leading dims of ``tensor`` (data reused by every draw)."""
     extra = tensor.dim() - other.dim()
-    if extra > 0 and tensor.shape[extra:] == other.shape and other.dim() >= 1:
+    shared = math.prod(tensor.shape[:extra]) if extra > 0 else 1
+    if shared < 16:  # few draws: a plain product and sum beats many tiny matrix products
+        return (tensor * other).sum(-1)
+    if tensor.shape[extra:] == other.shape and other.dim() >= 1:
         rows = other.reshape(-1, other.shape[-1])
         grouped = tensor.reshape(-1, rows.shape[0], rows.shape[1])
         return torch.einsum("bnd,nd->bn", grouped, rows).reshape(tensor.shape[:-1])
