@@ -17,6 +17,7 @@ from pyrovae.evaluation.traces import (
     _check_site_names,
     _sample_sites,
     _slice_arguments,
+    trace_pair,
 )
 from pyrovae.posteriors import posterior_moments
 
@@ -99,10 +100,7 @@ def latent_use(model, guide, *args, max_points: int = 2000, seed: int = 0, **kwa
     with torch.random.fork_rng(devices=cuda):  # seeded draws; the caller's RNG is untouched
         torch.manual_seed(seed)
         with poutine.block():
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
+            model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
         results = _site_diagnostics(model_trace, guide_trace, count)
     return results
 

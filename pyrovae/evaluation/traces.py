@@ -124,16 +124,20 @@ def _closed_form_kl(guide_site: dict, model_site: dict) -> torch.Tensor | None:
     return None if is_identically_zero(kl) else kl
 
 
+def trace_pair(model: Callable, guide: Callable, args: tuple, kwargs: dict):
+    """Trace the guide, then the model replayed on the guide's draws: (model, guide) traces."""
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return model_trace, guide_trace
+
+
 def guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -> int:
     """Number of nested plates in the model and guide, found by running them once (on a
     private copy of the RNG streams, so seeded draws that follow are unchanged)."""
     tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
     cuda = sorted({t.device.index or 0 for t in tensors if t.is_cuda})
     with torch.random.fork_rng(devices=cuda), poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
     depth = 0
     for trace in (model_trace, guide_trace):
         for site in _sample_sites(trace).values():
@@ -202,10 +206,7 @@ def run_traces(
     particle_dim = -(max_plate_nesting + 1)
     blocker = poutine.block() if block else contextlib.nullcontext()
     with blocker, pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
     size = _data_plate_size(model_trace, data_plate)
     return ParticleTraces(
         model_trace, guide_trace, num_particles, data_plate, max_plate_nesting, size
