@@ -167,9 +167,9 @@ class StableContinuousBernoulli(dist.ContinuousBernoulli):
 
     With lambda = sigmoid(eta), ``C(lambda) = 2 atanh(1 - 2 lambda) / (1 - 2 lambda)
     = eta / tanh(eta / 2)`` (2 at eta = 0) and ``E[x] = 1 / (1 - exp(-eta)) - 1 / eta``. Torch
-    evaluates both from the clamped probabilities, which saturate for |eta| above about 16
-    in float32 (37 in float64): its ``log_prob`` is then too low by about ``log(|eta| / 16)``
-    in float32 (0.9 nats per feature at |eta| = 40). Sampling is torch's.
+    evaluates both from the clamped probabilities, which saturate for ``abs(eta)`` above about 16
+    in float32 (37 in float64): its ``log_prob`` is then too low by about ``log(abs(eta) / 16)``
+    in float32 (0.9 nats per feature at ``abs(eta) = 40``). Sampling is torch's.
     """
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
@@ -391,6 +391,7 @@ class Categorical256Likelihood(Likelihood):
         )
 
 
+#: Observation models by name, as ``VAEConfig.likelihood`` takes them.
 LIKELIHOODS: dict[str, type[Likelihood]] = {
     cls.name: cls
     for cls in (

@@ -5,16 +5,16 @@ x_hat = g(z) with a decoder MLP, and is fitted by minibatch Adam on the squared 
 ``||x - g(f(x))||^2`` summed over features and averaged over data points, plus the
 variant's penalty:
 
-=========================  ==================================================================
-:class:`LinearAutoencoder`  linear f and g; at the optimum g spans the top-L principal
-                            subspace of the data (Baldi & Hornik, 1989)
-:class:`DeepAutoencoder`    MLP encoder and decoder, no penalty
-:class:`SparseAutoencoder`  ``sparsity * sum_l |z_l|`` (L1 penalty on the codes)
-:class:`DenoisingAutoencoder`  corrupts the inputs (masking or Gaussian noise) and
-                            reconstructs the clean ones (Vincent et al., 2008)
-:class:`ContractiveAutoencoder`  ``contraction * ||df/dx||_F^2``, the squared Frobenius norm
-                            of the encoder Jacobian (Rifai et al., 2011), computed exactly
-=========================  ==================================================================
+================================  ==============================================================
+:class:`LinearAutoencoder`        linear f and g; at the optimum g spans the top-L principal
+                                  subspace of the data (Baldi & Hornik, 1989)
+:class:`DeepAutoencoder`          MLP encoder and decoder, no penalty
+:class:`SparseAutoencoder`        ``sparsity * sum_l |z_l|`` (L1 penalty on the codes)
+:class:`DenoisingAutoencoder`     corrupts the inputs (masking or Gaussian noise) and
+                                  reconstructs the clean ones (Vincent et al., 2008)
+:class:`ContractiveAutoencoder`   ``contraction * ||df/dx||_F^2``, the squared Frobenius norm
+                                  of the encoder Jacobian (Rifai et al., 2011), computed exactly
+================================  ==============================================================
 
 Constructors only store their arguments (scikit-learn style); :meth:`Autoencoder.fit`
 validates them, builds the networks for the data's width and trains. Fitted state carries a
@@ -299,14 +299,14 @@ class DeepAutoencoder(Autoencoder):
 class SparseAutoencoder(Autoencoder):
     """Autoencoder with an L1 penalty ``sparsity * sum_l |z_l|`` on the codes.
 
+    Other parameters are those of :class:`Autoencoder`.
+
     Parameters
     ----------
     sparsity : float
         Weight of the L1 penalty (squared-error units per unit of code).
     code_activation : str
         Defaults to ``"relu"`` so that the penalty produces exact zeros.
-
-    Other parameters are those of :class:`Autoencoder`.
     """
 
     def __init__(
@@ -332,6 +332,8 @@ class SparseAutoencoder(Autoencoder):
 class DenoisingAutoencoder(Autoencoder):
     """Autoencoder that reconstructs clean inputs from corrupted ones.
 
+    Other parameters are those of :class:`Autoencoder`.
+
     Parameters
     ----------
     noise : float
@@ -339,8 +341,6 @@ class DenoisingAutoencoder(Autoencoder):
         ``"gaussian"``: standard deviation of the added noise, in data units.
     noise_type : str
         ``"masking"`` or ``"gaussian"``.
-
-    Other parameters are those of :class:`Autoencoder`.
     """
 
     def __init__(
@@ -390,12 +390,12 @@ class ContractiveAutoencoder(Autoencoder):
 
     The Jacobian is computed exactly (``torch.func.vmap(jacrev(f))``), for any encoder.
 
+    Other parameters are those of :class:`Autoencoder`.
+
     Parameters
     ----------
     contraction : float
         Weight of the penalty (squared-error units per unit of squared Jacobian norm).
-
-    Other parameters are those of :class:`Autoencoder`.
     """
 
     def __init__(

@@ -51,6 +51,9 @@ class LatentUse:
 
 
 def per_dimension_kl(guide_fn, prior_fn) -> torch.Tensor | None:
+    """KL(q(z_d|x) || p(z_d)) per latent dimension, shape (..., L), when both are
+    ``Independent`` over the last dimension with a closed-form KL between their base
+    distributions; ``None`` otherwise."""
     if not (isinstance(guide_fn, Independent) and isinstance(prior_fn, Independent)):
         return None
     try:

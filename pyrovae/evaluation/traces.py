@@ -201,7 +201,7 @@ def run_traces(
     """Trace the guide and then the model replayed on its draws, K draws per data point,
     vectorized with an extra plate left of the model's plates. Keeps autograd history.
 
-    ``block=False`` lets outer handlers see the sites (e.g. SVI collecting ``pyro.param``s).
+    ``block=False`` lets outer handlers see the sites (e.g. SVI collecting ``pyro.param`` sites).
     """
     particle_dim = -(max_plate_nesting + 1)
     blocker = poutine.block() if block else contextlib.nullcontext()

@@ -4,15 +4,15 @@ Every entry builds a :class:`pyro.infer.ELBO` whose ``__call__(model, guide)`` g
 :class:`torch.nn.Module` returning the loss (minus the bound, in nats, summed over the data
 points of the batch):
 
-==========================  ===================================================================
-``trace_elbo``              Pyro ``Trace_ELBO``: ELBO, Monte Carlo KL
-``trace_meanfield_elbo``    Pyro ``TraceMeanField_ELBO``: ELBO, analytic KL where available
-``annealed_meanfield_elbo`` analytic-KL ELBO with KL weight beta, linear warm-up, free bits
-``iwae``                    IWAE_K bound (K = ``num_particles``)
-``renyi``                   variational Rényi bound of order ``renyi_alpha``
-``stl``                     ELBO with the 'sticking the landing' gradient
-``dreg``                    IWAE_K with the doubly reparameterized gradient
-==========================  ===================================================================
+============================  ================================================================
+``trace_elbo``                Pyro ``Trace_ELBO``: ELBO, Monte Carlo KL
+``trace_meanfield_elbo``      Pyro ``TraceMeanField_ELBO``: ELBO, analytic KL where available
+``annealed_meanfield_elbo``   analytic-KL ELBO with KL weight beta, linear warm-up, free bits
+``iwae``                      IWAE_K bound (K = ``num_particles``)
+``renyi``                     variational Rényi bound of order ``renyi_alpha``
+``stl``                       ELBO with the 'sticking the landing' gradient
+``dreg``                      IWAE_K with the doubly reparameterized gradient
+============================  ================================================================
 """
 
 from __future__ import annotations
