@@ -24,6 +24,7 @@ def data_dir() -> Path:
     """Directory holding the real data files (``PYROVAE_DATA_DIR`` or ``../shared/data``)."""
     configured = os.environ.get("PYROVAE_DATA_DIR")
     candidate = Path(configured) if configured else PROJECT_ROOT.parent / "shared" / "data"
+    candidate = candidate.resolve()  # CI passes a relative path; tests symlink into tmp dirs
     if not (candidate / "binarized_mnist.npz").exists():
         message = f"real data not found in {candidate}"
         if configured:  # CI sets the variable: a missing file there is a failure, not a skip
