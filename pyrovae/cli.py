@@ -1,4 +1,4 @@
-"""Command line: ``pyrovae train``, ``pyrovae evaluate`` and ``pyrovae sample``.
+"""Command line: ``pyrovae train``, ``evaluate``, ``sample`` and ``plot``.
 
 Every command validates its arguments before reading or writing model files.
 """

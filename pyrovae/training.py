@@ -119,8 +119,13 @@ def fit(
     if validation is not None:
         validation = tuple(t.to(device=device, dtype=dtype) for t in validation)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    objective = make_objective(config.objective, config.num_particles, **config.objective_options())
+    compiled = config.compile != "none"
+    objective = make_objective(
+        config.objective, config.num_particles, traceable=compiled, **config.objective_options()
+    )
     loss_module = objective(vae.model, vae.guide)
+    if compiled:
+        loss_module = CompiledStep(loss_module, backend=config.compile)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
     history = History()
     first_epoch = 1 if saved is None else _restore(vae, optimizer, history, generator, saved)

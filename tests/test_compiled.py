@@ -67,7 +67,12 @@ def test_a_new_batch_shape_or_objective_setting_retraces():
 
 
 @pytest.mark.parametrize("objective", ["trace_elbo", "trace_meanfield_elbo", "dreg"])
-def test_compiled_training_is_bitwise_the_eager_training(objective):
+def test_compiled_training_is_bitwise_the_eager_training(objective, monkeypatch):
+    traced = []
+    original = CompiledStep._trace
+    monkeypatch.setattr(
+        CompiledStep, "_trace", lambda self, b: traced.append(1) or original(self, b)
+    )
     digits = load_digits()
     parameters = {}
     for mode in ("none", "graph"):
@@ -89,6 +94,7 @@ def test_compiled_training_is_bitwise_the_eager_training(objective):
             [p.detach().clone() for p in vae.parameters()],
             history.column("valid_elbo"),
         )
+    assert traced, "fit(compile='graph') did not take the compiled path"
     for eager, compiled in zip(parameters["none"][0], parameters["graph"][0], strict=True):
         assert torch.equal(eager, compiled)
     assert parameters["none"][1] == parameters["graph"][1]

@@ -85,7 +85,10 @@ class LatentVariableModel(nn.Module):
 
     # -- fitting -----------------------------------------------------------------------
     def check_objective(self, config: TrainConfig) -> None:
-        """Raise if ``config``'s objective cannot fit this model (before anything changes)."""
+        """Raise if ``config``'s objective cannot fit this model (before anything changes).
+
+        Any objective can try a user's model; :class:`pyrovae.VAE` refuses analytic-KL
+        objectives for families without a closed-form KL."""
 
     def fit(self, train, validation=None, checkpoint_path=None, resume=False, **train_options):
         """Fit by stochastic variational inference; see :class:`pyrovae.config.TrainConfig`
