@@ -10,6 +10,15 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_thread():
+    """The tests' networks are tiny: intra-op threads only oversubscribe the CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(autouse=True)
 def isolated_pyro_state():
     """Clear Pyro's global parameter store and fix every RNG before each test."""

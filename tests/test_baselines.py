@@ -24,15 +24,6 @@ BUDGET = {"epochs": 40, "batch_size": 64, "lr": 3e-3, "seed": 0}
 """One training budget for every comparison between variants."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These networks are tiny: one thread is faster than several fighting over a busy CI box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_digits()

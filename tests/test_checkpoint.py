@@ -19,15 +19,6 @@ from pyrovae.data import binarize, load_digits
 CONFIG = VAEConfig(num_features=64, latent_dim=3, hidden_sizes=(16,), image_shape=(8, 8))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny networks gain nothing from intra-op threads; one thread avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_digits()

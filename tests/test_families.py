@@ -26,14 +26,6 @@ def digits():
     return load_digits()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("options", FAMILIES, ids=lambda o: "-".join(map(str, o.values())))
 def test_each_family_trains_and_its_bounds_are_ordered(digits, options):
     vae = VAE(num_features=64, latent_dim=3, hidden_sizes=(32,), seed=0, **options)

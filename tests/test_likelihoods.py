@@ -34,15 +34,6 @@ COUNTS = ("poisson", "negative-binomial", "zero-inflated-negative-binomial")
 HIDDEN, FEATURES = 6, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny networks gain nothing from intra-op threads; one thread avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_digits()

@@ -72,15 +72,6 @@ K_IWAE = 5  # k of IWAE_k / DReG_k in the gradient tests
 R = 20000  # gradient replicates per estimator
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: one thread avoids thread start-up overhead dominating (and contention)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def close(actual, expected, rtol: float = EXACT) -> None:
     """Deterministic identity: equal up to float64 rounding (relative, with an absolute floor)."""
     actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()

@@ -17,15 +17,6 @@ from pyrovae.latent_space import apply_attribute, attribute_vector, interpolate
 CLI_KINDS = ("samples", "reconstructions", "curves", "latent", "manifold", "interpolation")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one thread is faster than several fighting over a busy CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """Two tiny models trained by `pyrovae train` on the digits: 2-D and 3-D latent."""

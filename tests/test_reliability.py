@@ -39,15 +39,6 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 ignore_pyro_nan_warnings = pytest.mark.filterwarnings("ignore:Encountered NaN:UserWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny networks gain nothing from intra-op threads; one thread avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_digits()

@@ -18,15 +18,6 @@ CONFIG = VAEConfig(num_features=64, latent_dim=4, hidden_sizes=(64,))
 TINY = VAEConfig(num_features=64, latent_dim=2, hidden_sizes=(16,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny networks gain nothing from intra-op threads; one thread avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def digits():
     return load_digits()

@@ -31,15 +31,6 @@ NUM_SE = 4.0
 SMALL = VAEConfig(num_features=64, latent_dim=3, hidden_sizes=(16,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny networks gain nothing from intra-op threads; one thread avoids oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def binary_digits() -> torch.Tensor:
     """The 1297 training digits, binarized once with a fixed generator (float32, {0, 1})."""
