@@ -47,7 +47,9 @@ from pyrovae.training import train_step  # noqa: E402
 LATENT, HIDDEN, FEATURES = 50, 400, 784
 
 
-class HandwrittenVAE(nn.Module):
+class Networks(nn.Module):
+    """The encoder (trunk, loc and scale heads) and decoder every baseline shares."""
+
     def __init__(self):
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.ReLU())
@@ -56,6 +58,8 @@ class HandwrittenVAE(nn.Module):
             nn.Linear(LATENT, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, FEATURES)
         )
 
+
+class HandwrittenVAE(Networks):
     def loss(self, x):
         hidden = self.encoder(x)
         loc, scale = self.loc(hidden), F.softplus(self.raw_scale(hidden)) + 1e-4
@@ -77,16 +81,8 @@ def handwritten(device):
     return step
 
 
-class PyroExample(nn.Module):
+class PyroExample(Networks):
     """Pyro's examples/vae/vae.py structure: model and guide functions with pyro.module."""
-
-    def __init__(self):
-        super().__init__()
-        self.encoder = nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.ReLU())
-        self.loc, self.raw_scale = nn.Linear(HIDDEN, LATENT), nn.Linear(HIDDEN, LATENT)
-        self.decoder = nn.Sequential(
-            nn.Linear(LATENT, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, FEATURES)
-        )
 
     def model(self, x):
         pyro.module("decoder", self.decoder)
