@@ -1,6 +1,8 @@
 """Command line: ``pyrovae train``, ``evaluate``, ``sample`` and ``plot``.
 
-Every command validates its arguments before reading or writing model files.
+Every command validates its arguments before reading or writing model files. Under
+``torchrun`` with several processes, ``train`` and ``evaluate`` run data-parallel (see
+:mod:`pyrovae.distributed`); only rank 0 prints and writes files.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pyrovae.data import DATASETS, SPLIT_NAMES, binarize, load_dataset, threshold
+from pyrovae.distributed import active_context, init_from_environment, shutdown
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.networks import ACTIVATIONS
 from pyrovae.objectives import OBJECTIVES
@@ -198,6 +201,8 @@ def run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         **train_config.to_dict(),
     )
+    if not _is_main_process():
+        return 0
     history.to_jsonl(args.out / "history.jsonl")
     history.to_csv(args.out / "history.csv")
     last = history.records[-1]
@@ -224,6 +229,11 @@ def evaluation_data(vae, dataset_name: str, data_dir, split: str, seed: int) -> 
     return data
 
 
+def _is_main_process() -> bool:
+    parallel = active_context()
+    return parallel is None or parallel.is_main
+
+
 def _dataset_of(vae, requested: str | None) -> str:
     name = requested or vae.metadata_.get("dataset")
     if name is None:
@@ -238,19 +248,24 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise SystemExit(f"error: --num-samples must be positive, got {args.num_samples}")
     ks = tuple(k for k in args.ks if k <= args.num_samples)
-    vae = VAE.load(args.model, device=resolve_device(args.device))
+    device, parallel = resolve_device(args.device), active_context()
+    vae = VAE.load(args.model, device=device if parallel is None else parallel.device(device))
     data = evaluation_data(
         vae, _dataset_of(vae, args.dataset), args.data_dir, args.split, args.seed
     )
-    print(f"{args.split} split of {_dataset_of(vae, args.dataset)}")
+    main_process = _is_main_process()
+    if main_process:
+        print(f"{args.split} split of {_dataset_of(vae, args.dataset)}")
     result = vae.evaluate(
         data,
         num_samples=args.num_samples,
         ks=ks,
         seed=args.seed,
         max_pairs=args.max_pairs,
-        progress=not args.quiet,
+        progress=main_process and not args.quiet,
     )
+    if not main_process:
+        return 0
     print(result.table())
     if args.out is not None:
         result.to_csv(args.out)
@@ -294,6 +309,9 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+PARALLEL_COMMANDS = ("train", "evaluate")
+"""Commands that run data-parallel under ``torchrun``."""
+
 COMMANDS = {
     "train": run_train,
     "evaluate": run_evaluate,
@@ -304,11 +322,16 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    joined = args.command in PARALLEL_COMMANDS and active_context() is None
     try:
+        joined = joined and init_from_environment() is not None
         return COMMANDS[args.command](args)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if joined:
+            shutdown()
 
 
 if __name__ == "__main__":

@@ -51,3 +51,10 @@ def restore_rng_state(state: dict, generator: torch.Generator | None = None) -> 
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"].to(generator.get_state().device))
+
+
+def derived_seed(*keys: int) -> int:
+    """A seed for ``torch.manual_seed`` derived from non-negative integer ``keys`` (e.g. a run's
+    seed and a process rank, or a data block), statistically independent of the seeds
+    derived from other keys (:class:`numpy.random.SeedSequence`)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from pyrovae.compiled import CompiledStep
 from pyrovae.config import TrainConfig
 from pyrovae.data import binarize
+from pyrovae.distributed import DataParallelContext, active_context
 from pyrovae.objectives import ANALYTIC_KL_OBJECTIVES, make_objective
 from pyrovae.randomness import capture_rng_state, restore_rng_state
 
@@ -91,6 +92,11 @@ def fit(
     All inputs are validated, and a checkpoint to resume from is read and checked, before
     any parameter, RNG or optimizer state changes.
 
+    When :mod:`torch.distributed` is initialized with several processes (e.g. under
+    ``torchrun``), the fit is data-parallel over them (see :mod:`pyrovae.distributed`):
+    every rank passes the same full data and settings, each takes its shard of every
+    minibatch, gradients are averaged each step, and only rank 0 writes the checkpoint.
+
     Parameters
     ----------
     checkpoint_path : str or Path, optional
@@ -101,7 +107,10 @@ def fit(
         Continue from the checkpoint at ``checkpoint_path`` (same model and settings; a
         larger ``epochs`` extends the run).
     """
+    parallel = active_context()
     device = resolve_device(config.device)
+    if parallel is not None:
+        device = parallel.device(device)
     vae.check_objective(config)
     train = vae.training_inputs(train, config, "training data")
     if validation is not None:
@@ -110,10 +119,14 @@ def fit(
         raise ValueError(
             f"batch_size={config.batch_size} exceeds the {train[0].shape[0]} training data points"
         )
-    saved = _read_resume_checkpoint(vae, config, checkpoint_path) if resume else None
+    if parallel is not None:
+        _check_shardable(train[0].shape[0], config.batch_size, parallel.world_size)
+    saved = _read_resume_checkpoint(vae, config, checkpoint_path, parallel) if resume else None
 
-    pyro.set_rng_seed(config.seed)
+    pyro.set_rng_seed(config.seed if parallel is None else parallel.seed_for_rank(config.seed))
     vae.to(device)
+    if parallel is not None:
+        parallel.broadcast_(vae)
     dtype = next(vae.parameters()).dtype
     train = tuple(t.to(device=device, dtype=dtype) for t in train)
     if validation is not None:
@@ -126,9 +139,13 @@ def fit(
     loss_module = objective(vae.model, vae.guide)
     if compiled:
         loss_module = CompiledStep(loss_module, backend=config.compile)
+    elif parallel is not None:
+        loss_module = _distributed_module(loss_module, device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
     history = History()
-    first_epoch = 1 if saved is None else _restore(vae, optimizer, history, generator, saved)
+    first_epoch = (
+        1 if saved is None else _restore(vae, optimizer, history, generator, saved, parallel)
+    )
     vae.optimizer_, vae.train_config_, vae.history_ = optimizer, config, history
     rollbacks, epoch = 0, first_epoch
     while epoch <= config.epochs:
@@ -139,7 +156,9 @@ def fit(
         if hasattr(objective, "start_epoch"):
             objective.start_epoch(epoch)
         try:
-            train_elbo = _train_epoch(loss_module, optimizer, train, config, generator, epoch)
+            train_elbo = _train_epoch(
+                loss_module, optimizer, train, config, generator, epoch, parallel
+            )
         except NonFiniteTrainingError as error:
             if snapshot is None or rollbacks >= config.max_rollbacks:
                 raise _explain(error, config, checkpoint_path, rollbacks) from None
@@ -149,18 +168,51 @@ def fit(
         record = {
             "epoch": epoch,
             "train_elbo": train_elbo,
-            "valid_elbo": _validation_elbo(vae, validation, config),
+            "valid_elbo": _validation_elbo(vae, validation, config, parallel),
             "seconds": time.perf_counter() - started,
         }
         history.records.append(record)
-        if config.progress:
+        if config.progress and (parallel is None or parallel.is_main):
             tqdm.write(_describe(record, config.epochs))
         if checkpoint_path is not None and (
             epoch % config.checkpoint_every == 0 or epoch == config.epochs
         ):
-            vae.save(checkpoint_path, training_state=_training_state(epoch, generator))
+            _save_checkpoint(vae, checkpoint_path, epoch, generator, parallel)
         epoch += 1
+    if parallel is not None:
+        parallel.barrier()  # the last checkpoint is written before any rank returns
     return history
+
+
+def _check_shardable(size: int, batch_size: int, world_size: int) -> None:
+    """Every global minibatch must give each of the ``world_size`` processes a data point."""
+    last = size % batch_size or batch_size
+    if min(batch_size, last) < world_size:
+        raise ValueError(
+            f"with {world_size} processes every minibatch needs at least {world_size} data "
+            f"points, but batch_size={batch_size} over {size} training points leaves a last "
+            f"batch of {last}; choose a batch_size whose remainder is 0 or at least {world_size}"
+        )
+
+
+def _distributed_module(loss_module, device: torch.device):
+    """The eager loss wrapped in :class:`~torch.nn.parallel.DistributedDataParallel`, which
+    averages the gradients over ranks during the backward pass (``static_graph``: the same
+    parameters take part in every step, and unused ones are allowed)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(loss_module, device_ids=device_ids, static_graph=True)
+
+
+def _save_checkpoint(vae, path, epoch: int, generator, parallel) -> None:
+    """Rank 0 writes; every rank contributes its RNG state (a collective under parallelism)."""
+    state = _training_state(epoch, generator)
+    if parallel is not None:
+        state["world_size"] = parallel.world_size
+        state["rng_of_ranks"] = parallel.gather(state["rng"])
+    if parallel is None or parallel.is_main:
+        vae.save(path, training_state=state)
 
 
 def _describe(record: dict, epochs: int) -> str:
@@ -175,7 +227,7 @@ def _training_state(epoch: int, generator: torch.Generator) -> dict:
     return {"epoch": epoch, "rng": capture_rng_state(generator)}
 
 
-def _read_resume_checkpoint(vae, config: TrainConfig, checkpoint_path) -> dict:
+def _read_resume_checkpoint(vae, config: TrainConfig, checkpoint_path, parallel=None) -> dict:
     from pyrovae.checkpoint import CheckpointError, read_checkpoint
 
     if checkpoint_path is None:
@@ -185,6 +237,7 @@ def _read_resume_checkpoint(vae, config: TrainConfig, checkpoint_path) -> dict:
         raise CheckpointError(f"{checkpoint_path} holds no training state to resume from")
     vae.check_resumable(payload, checkpoint_path)
     config.resumable_from(TrainConfig.from_dict(payload["train_config"]))
+    _check_world_size(payload["training_state"], parallel, checkpoint_path)
     done = int(payload["training_state"]["epoch"])
     if config.epochs < done:
         raise ValueError(
@@ -194,13 +247,29 @@ def _read_resume_checkpoint(vae, config: TrainConfig, checkpoint_path) -> dict:
     return payload
 
 
-def _restore(vae, optimizer, history: History, generator, payload: dict) -> int:
+def _check_world_size(state: dict, parallel, path) -> None:
+    """A run resumes on as many processes as wrote it: the data shards and each process's
+    random stream belong to that number."""
+    saved = int(state.get("world_size", 1))
+    running = 1 if parallel is None else parallel.world_size
+    if saved != running:
+        launch = "without torchrun" if saved == 1 else f"with torchrun --nproc_per_node {saved}"
+        raise ValueError(
+            f"cannot resume: {path} was written by a run on {saved} process(es), this run has "
+            f"{running}; resume {launch} (re-sharding a run onto another number of processes "
+            "is not supported)"
+        )
+
+
+def _restore(vae, optimizer, history: History, generator, payload: dict, parallel=None) -> int:
     """Load a resume checkpoint into the live objects; return the next epoch to run."""
     vae.load_state_dict(payload["model_state"])
     optimizer.load_state_dict(payload["optimizer_state"])
     history.records.extend(dict(record) for record in payload["history"])
-    restore_rng_state(payload["training_state"]["rng"], generator)
-    return int(payload["training_state"]["epoch"]) + 1
+    state = payload["training_state"]
+    rng = state["rng"] if parallel is None else state["rng_of_ranks"][parallel.rank]
+    restore_rng_state(rng, generator)
+    return int(state["epoch"]) + 1
 
 
 def _snapshot(vae, optimizer, generator) -> dict:
@@ -248,33 +317,55 @@ def _gradient_norm(parameters: list[torch.Tensor], clip_norm: float | None) -> t
     return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
-def _train_epoch(loss_module, optimizer, train: tuple, config: TrainConfig, generator, epoch: int):
+def _train_epoch(
+    loss_module,
+    optimizer,
+    train: tuple,
+    config: TrainConfig,
+    generator,
+    epoch: int,
+    parallel: DataParallelContext | None = None,
+):
     size, device = train[0].shape[0], train[0].device
     order = torch.randperm(size, device=device, generator=generator)
     batches = order.split(config.batch_size)
     losses = torch.zeros(len(batches), device=device, dtype=torch.float64)
     grad_norms = torch.zeros(len(batches), device=device)
     check_each_step = device.type == "cpu"  # free on the CPU; on a GPU, once per epoch
-    bar = tqdm(
-        batches, desc=f"epoch {epoch}/{config.epochs}", disable=not config.progress, leave=False
-    )
+    show = config.progress and (parallel is None or parallel.is_main)
+    bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", disable=not show, leave=False)
     for step, index in enumerate(bar):
-        batch = tuple(t[index] for t in train)
-        if config.binarize == "dynamic":
-            batch = (binarize(batch[0], generator=generator), *batch[1:])
         losses[step], grad_norms[step] = train_step(
             loss_module,
             optimizer,
-            batch,
+            _minibatch(train, index, config, generator, parallel),
             config.clip_norm,
             validate=epoch == 1 and step == 0,
             guard=check_each_step,
+            parallel=parallel,
+            global_batch_size=len(index),
         )
         if check_each_step:
             _check_finite(losses, grad_norms, epoch, upto=step + 1)
     _check_finite(losses, grad_norms, epoch)
     sizes = torch.tensor([len(index) for index in batches], device=device)
     return -float((losses * sizes).sum()) / size
+
+
+def _minibatch(train: tuple, index, config: TrainConfig, generator, parallel) -> tuple:
+    """This process's part of the minibatch ``index``, dynamically binarized when asked.
+
+    Binarization draws for the whole minibatch on every rank, so that the data-order
+    generator advances alike on all of them and each data point gets the same draw as in a
+    single-process run."""
+    if parallel is not None and config.binarize != "dynamic":
+        index = index[parallel.shard(len(index))]
+    batch = tuple(t[index] for t in train)
+    if config.binarize == "dynamic":
+        batch = (binarize(batch[0], generator=generator), *batch[1:])
+        if parallel is not None:
+            batch = tuple(t[parallel.shard(len(index))] for t in batch)
+    return batch
 
 
 def train_step(
@@ -284,6 +375,8 @@ def train_step(
     clip_norm: float | None = None,
     validate: bool = False,
     guard: bool = True,
+    parallel: DataParallelContext | None = None,
+    global_batch_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One stochastic-gradient step on one batch.
 
@@ -302,6 +395,11 @@ def train_step(
     guard : bool
         Skip the optimizer update when the loss or gradient norm is NaN or infinite (reads
         two numbers on the host: free on a CPU, a synchronisation on a GPU).
+    parallel : DataParallelContext, optional
+        Data-parallel run: ``batch`` is this rank's shard of a minibatch of
+        ``global_batch_size`` points, and ``loss_module`` is wrapped in
+        ``DistributedDataParallel`` (eager) or a :class:`CompiledStep`. Loss and gradients
+        become those of the whole minibatch, the same on every rank.
 
     Returns
     -------
@@ -310,7 +408,12 @@ def train_step(
         as detached 0-d tensors on the device.
     """
     batch = batch if isinstance(batch, tuple) else (batch,)
-    loss = _loss_and_gradients(loss_module, batch, validate)
+    if parallel is None:
+        loss = _loss_and_gradients(loss_module, batch, validate)
+    else:
+        loss = _parallel_loss_and_gradients(
+            loss_module, optimizer, batch, validate, parallel, global_batch_size
+        )
     grad_norm = _gradient_norm(_parameters(optimizer), clip_norm)
     if not guard or bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
         optimizer.step()
@@ -321,16 +424,43 @@ def _parameters(optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _loss_and_gradients(loss_module, batch: tuple, validate: bool) -> torch.Tensor:
-    """Loss per data point of one batch; sets the parameters' ``.grad``."""
+def _loss_and_gradients(
+    loss_module, batch: tuple, validate: bool, normalizer: float | None = None
+) -> torch.Tensor:
+    """Loss of one batch divided by ``normalizer`` (default: the batch size, giving the loss
+    per data point; a compiled step always divides by the batch size); sets the parameters'
+    ``.grad``."""
     if isinstance(loss_module, CompiledStep):
         return loss_module(*batch)
+    normalizer = batch[0].shape[0] if normalizer is None else normalizer
     for parameter in loss_module.parameters():
         parameter.grad = None
     with pyro.validation_enabled(validate):
-        loss = loss_module(*batch) / batch[0].shape[0]
+        loss = loss_module(*batch) / normalizer
     loss.backward()
     return loss.detach()
+
+
+def _parallel_loss_and_gradients(
+    loss_module, optimizer, batch: tuple, validate: bool, parallel, global_batch_size: int
+) -> torch.Tensor:
+    """Loss per data point of the global minibatch and its gradients, on every rank.
+
+    Each rank's shard loss is scaled as if the data plate held the whole minibatch
+    (``world_size / global_batch_size`` times the shard's summed loss), so that the average
+    over ranks, which ``DistributedDataParallel`` takes of the gradients, is the minibatch
+    mean. A compiled step returns its shard's mean instead and averages explicitly."""
+    local = batch[0].shape[0]
+    if isinstance(loss_module, CompiledStep):
+        loss = loss_module(*batch).reshape(1)
+        grads = [p.grad for p in _parameters(optimizer) if p.grad is not None]
+        parallel.sum_([*grads, loss], scale=local / global_batch_size)
+        return loss[0]
+    loss = _loss_and_gradients(
+        loss_module, batch, validate, normalizer=global_batch_size / parallel.world_size
+    ).reshape(1)
+    parallel.sum_([loss], scale=1 / parallel.world_size)
+    return loss[0]
 
 
 def _check_finite(
@@ -347,7 +477,10 @@ def _check_finite(
         )
 
 
-def _validation_elbo(vae, validation: tuple | None, config: TrainConfig) -> float | None:
+def _validation_elbo(
+    vae, validation: tuple | None, config: TrainConfig, parallel=None
+) -> float | None:
+    """Mean ELBO per validation point (nats); each rank scores its shard of the points."""
     if validation is None:
         return None
     x, *rest = validation
@@ -355,4 +488,11 @@ def _validation_elbo(vae, validation: tuple | None, config: TrainConfig) -> floa
         generator = torch.Generator(device=x.device).manual_seed(config.seed + 1)
         x = binarize(x, generator=generator)
     analytic = config.objective in ANALYTIC_KL_OBJECTIVES
-    return float(vae.elbo_of((x, *rest), num_samples=1, analytic_kl=analytic).mean())
+    inputs = (x, *rest)
+    if parallel is None:
+        return float(vae.elbo_of(inputs, num_samples=1, analytic_kl=analytic).mean())
+    shard = parallel.shard(x.shape[0])
+    total = vae.elbo_of(tuple(t[shard] for t in inputs), num_samples=1, analytic_kl=analytic)
+    total = total.sum().reshape(1)
+    parallel.sum_([total])
+    return float(total) / x.shape[0]

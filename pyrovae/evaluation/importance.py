@@ -14,6 +14,12 @@ at once to per-datapoint estimates, so that memory does not grow with N:
   bias of log p_hat).
 
 All in nats per data point; higher bounds are better.
+
+The draws of each block of data points (one chunk) come from a seed derived from the
+evaluation's seed and the block's index, so the results do not depend on how the blocks are
+spread over processes: under :mod:`torch.distributed` with several ranks, each rank
+evaluates a contiguous run of blocks and the per-datapoint results, gathered on every rank,
+equal those of one process.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from pyrovae.distributed import active_context
 from pyrovae.evaluation.arviz_compat import pareto_khat, to_arviz
 from pyrovae.evaluation.bounds import elbo, importance_estimate, iwae_bound
 from pyrovae.evaluation.latents import LatentUse, latent_use
@@ -38,6 +45,7 @@ from pyrovae.evaluation.traces import (
     guess_max_plate_nesting,
     particle_terms,
 )
+from pyrovae.randomness import derived_seed
 
 KHAT_THRESHOLD = 0.7
 """Pareto k-hat above which an importance-sampled estimate is unreliable."""
@@ -233,7 +241,10 @@ def evaluate(
     max_pairs : int
         Most (draw, data point) pairs traced at once; peak memory is proportional to it.
     seed : int, optional
-        Seed Pyro's RNGs first, for reproducible draws.
+        Seed Pyro's RNGs first, for reproducible draws; the draws of each block of
+        ``max_pairs // num_samples`` data points are seeded from it and the block's index.
+        Without it, the block seeds derive from one number drawn from torch's RNG (on rank 0,
+        under data parallelism).
     latent_diagnostics : bool
         Also compute :func:`pyrovae.evaluation.latents.latent_use`.
     progress : bool
@@ -248,27 +259,62 @@ def evaluate(
     ks = _check_ks(ks, num_samples)
     if seed is not None:
         pyro.set_rng_seed(seed)
+    parallel = active_context()
+    base_seed = _base_seed(seed, parallel)
     length = _batched_length(args, kwargs)
     probe_args, probe_kwargs = _slice_arguments(args, kwargs, length, slice(0, 1))
     nesting = guess_max_plate_nesting(model, guide, *probe_args, **probe_kwargs)
-    data_chunk = max(1, max_pairs // num_samples)
+    blocks = list(chunk_bounds(length, max(1, max_pairs // num_samples)))
+    mine = (
+        range(len(blocks)) if parallel is None else range(len(blocks))[parallel.shard(len(blocks))]
+    )
+    devices = _cuda_devices(args, kwargs)
     columns: dict[str, list[np.ndarray]] = {}
-    with tqdm(total=length, disable=not progress, desc="evaluating", unit="pt") as bar:
-        for start, stop in chunk_bounds(length, data_chunk):
+    total = sum(blocks[b][1] - blocks[b][0] for b in mine)
+    with tqdm(total=total, disable=not progress, desc="evaluating", unit="pt") as bar:
+        for block in mine:
+            start, stop = blocks[block]
             chunk_args, chunk_kwargs = _slice_arguments(args, kwargs, length, slice(start, stop))
-            terms = particle_terms(
-                model,
-                guide,
-                *chunk_args,
-                num_particles=num_samples,
-                data_plate=data_plate,
-                max_pairs=max_pairs,
-                max_plate_nesting=nesting,
-                **chunk_kwargs,
-            )
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(derived_seed(base_seed, block))
+                terms = particle_terms(
+                    model,
+                    guide,
+                    *chunk_args,
+                    num_particles=num_samples,
+                    data_plate=data_plate,
+                    max_pairs=max_pairs,
+                    max_plate_nesting=nesting,
+                    **chunk_kwargs,
+                )
             for name, values in _reduce_chunk(terms, ks, offset=start).items():
                 columns.setdefault(name, []).append(values)
             bar.update(stop - start)
+    if parallel is not None:
+        columns = _gather_columns(columns, parallel)
     per_datapoint = {name: np.concatenate(parts) for name, parts in columns.items()}
     latent = latent_use(model, guide, *args, **kwargs) if latent_diagnostics else {}
     return EvaluationResult(per_datapoint, num_samples, ks, latent)
+
+
+def _base_seed(seed: int | None, parallel) -> int:
+    """The seed the blocks' seeds derive from: ``seed``, or a number drawn from torch's RNG
+    (rank 0's under data parallelism)."""
+    if seed is not None:
+        return seed
+    drawn = int(torch.randint(0, 2**62, ()))
+    return drawn if parallel is None else parallel.broadcast_object(drawn)
+
+
+def _cuda_devices(args: tuple, kwargs: dict) -> list[int]:
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+def _gather_columns(columns: dict[str, list[np.ndarray]], parallel) -> dict[str, list]:
+    """Every rank's columns, concatenated in rank order (ranks hold consecutive blocks)."""
+    gathered: dict[str, list[np.ndarray]] = {}
+    for part in parallel.gather(columns):
+        for name, values in part.items():
+            gathered.setdefault(name, []).extend(values)
+    return gathered
