@@ -54,7 +54,8 @@ def restore_rng_state(state: dict, generator: torch.Generator | None = None) -> 
 
 
 def derived_seed(*keys: int) -> int:
-    """A seed for ``torch.manual_seed`` derived from non-negative integer ``keys`` (e.g. a run's
-    seed and a process rank, or a data block), statistically independent of the seeds
-    derived from other keys (:class:`numpy.random.SeedSequence`)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """A 32-bit seed (valid for torch, NumPy and :func:`pyro.set_rng_seed`) derived from
+    non-negative integer ``keys`` (e.g. a run's seed and a process rank, or a data block),
+    statistically independent of the seeds derived from other keys
+    (:class:`numpy.random.SeedSequence`)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
