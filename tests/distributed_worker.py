@@ -89,6 +89,24 @@ def train(compile_mode: str, checkpoint: Path | None = None, epochs: int = 3) ->
     return {"state": fitted.state_dict(), "history": history.records}
 
 
+def train_vae(checkpoint: Path, epochs: int, resume: bool) -> dict:
+    """A small built-in VAE with real Monte Carlo noise and dynamic binarization (each rank
+    draws from its own stream), checkpointed every epoch."""
+    vae = VAE(VAEConfig(num_features=FEATURES, latent_dim=LATENT, hidden_sizes=(8,)), seed=3)
+    x = torch.rand(40, FEATURES, generator=torch.Generator().manual_seed(5))
+    history = vae.fit(
+        x,
+        checkpoint_path=checkpoint,
+        resume=resume,
+        epochs=epochs,
+        batch_size=12,
+        binarize="dynamic",
+        seed=0,
+        progress=False,
+    )
+    return {"state": vae.state_dict(), "history": history.records}
+
+
 def evaluate() -> dict:
     """Per-datapoint evaluation of a small untrained VAE on 30 points in blocks of 7."""
     vae = VAE(VAEConfig(num_features=FEATURES, latent_dim=LATENT, hidden_sizes=(8,)), seed=3)
@@ -100,10 +118,11 @@ def evaluate() -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("task", choices=("train", "evaluate"))
+    parser.add_argument("task", choices=("train", "train-vae", "evaluate"))
     parser.add_argument("--compile", default="none")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--resume", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -111,6 +130,8 @@ def main(argv=None) -> int:
     try:
         if args.task == "train":
             result = train(args.compile, args.checkpoint, args.epochs)
+        elif args.task == "train-vae":
+            result = train_vae(args.checkpoint, args.epochs, args.resume)
         else:
             result = evaluate()
         parallel = active_context()

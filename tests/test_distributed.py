@@ -76,6 +76,25 @@ def test_two_process_training_equals_one_process(worker, tmp_path, compile_mode)
         )
 
 
+def test_two_process_run_resumes_as_if_never_interrupted(tmp_path):
+    # Real Monte Carlo noise: each rank's random stream is saved and restored.
+    def run(name: str, epochs: int, *resume: str) -> dict:
+        options = ["--epochs", str(epochs), "--checkpoint", str(tmp_path / f"{name}.ckpt")]
+        out = tmp_path / f"{name}-{epochs}.pt"
+        succeeded(
+            torchrun(str(WORKER), "train-vae", *options, *resume, "--out", str(out), cwd=tmp_path)
+        )
+        return torch.load(out, weights_only=False)
+
+    straight = run("straight", 3)
+    run("interrupted", 2)
+    resumed = run("interrupted", 3, "--resume")
+    elbos = [[r["train_elbo"] for r in result["history"]] for result in (straight, resumed)]
+    assert elbos[0] == elbos[1] and len(elbos[0]) == 3
+    for name, value in straight["state"].items():
+        assert torch.equal(resumed["state"][name], value), name
+
+
 def test_sharded_evaluation_equals_one_process(worker, tmp_path):
     out = tmp_path / "two.pt"
     succeeded(torchrun(str(WORKER), "evaluate", "--out", str(out), cwd=tmp_path))
