@@ -26,6 +26,7 @@ the equality test in ``tests/test_compiled.py`` guards it. The objective's own s
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import pyro
@@ -37,6 +38,12 @@ BACKENDS = ("graph", "inductor")
 
 _UNTRACKED_VIEWS = frozenset({torch.ops.aten._unsafe_view.default})
 """View operations whose schema does not declare that the result aliases the input."""
+
+_BIT_VIEWS = frozenset(
+    {torch.ops.aten._conj.default, torch.ops.aten.conj.default, torch.ops.aten._neg_view.default}
+)
+"""Views that change values through a conjugate or negative bit, which the traced metadata
+does not record: never taken for identities."""
 
 
 def _objective_state(objective) -> tuple:
@@ -54,7 +61,9 @@ def _is_view(node: fx.Node) -> bool:
     if node.target in _UNTRACKED_VIEWS:
         return True
     schema = getattr(node.target, "_schema", None)
-    if schema is None or schema.is_mutable or len(schema.returns) != 1 or not schema.arguments:
+    if schema is None or node.target in _BIT_VIEWS or schema.is_mutable:
+        return False
+    if len(schema.returns) != 1 or not schema.arguments:
         return False
     returned, first = schema.returns[0].alias_info, schema.arguments[0].alias_info
     return (
@@ -74,8 +83,9 @@ def _metadata(node: fx.Node) -> tuple | None:
 
 def drop_identity_views(graph: fx.Graph) -> int:
     """Replace every view operation whose result is indistinguishable from a tensor it views
-    (same shape, strides, storage offset, dtype and device: e.g. ``t(t(w))``, an expand or view
-    to the shape it already has, ``detach``) by that tensor; return how many were replaced.
+    (same shape, strides, storage offset, dtype and device: e.g. ``t(t(w))``, an expand or
+    view to the shape it already has, ``detach``) by that tensor; return how many were
+    replaced. Conjugate and negative views are kept.
 
     Values and aliasing are unchanged: the replaced result and its replacement share storage
     and layout. Needs the ``"val"`` metadata ``make_fx`` records; nodes without it are kept.
@@ -128,6 +138,17 @@ def _mutations_are_fills(graph: fx.Graph) -> bool:
     return True
 
 
+def _may_alias_first_argument(node: fx.Node) -> bool:
+    """``node``'s result may share storage with its first argument (views, including those
+    returning several tensors, and items taken from them)."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.target is operator.getitem or node.target in _UNTRACKED_VIEWS:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return schema is None or any(r.alias_info is not None for r in schema.returns)
+
+
 def _seen_by_caller(graph: fx.Graph) -> set[fx.Node]:
     """Nodes whose result (or a view of it) the graph returns."""
     seen: set[fx.Node] = set()
@@ -136,7 +157,7 @@ def _seen_by_caller(graph: fx.Graph) -> set[fx.Node]:
         node = pending.pop()
         if node not in seen:
             seen.add(node)
-            if _is_view(node):
+            if _may_alias_first_argument(node):
                 pending.append(node.args[0])
     return seen
 

@@ -185,6 +185,17 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(torch.int32) if tensor.dtype == torch.float32 else tensor
 
 
+def test_identities_stay_where_they_change_what_a_caller_sees():
+    def function(x, c):
+        y = x * 1.0  # returned through a view from split: kept (a copy, not an alias of x)
+        return y.split(1)[0], y * 2, c.conj()  # the conjugate view has c's layout: kept
+
+    x, c = torch.randn(2, 3), torch.randn(3, dtype=torch.complex64)
+    graph = _traced(function, x, c)
+    assert drop_exact_identities(graph.graph) == 0
+    assert drop_identity_views(graph.graph) == 0
+
+
 def test_exact_identities_stay_when_a_tensor_is_modified_in_place():
     def function(x):
         y = x * 2.0
