@@ -17,7 +17,16 @@ pyrovae_<objective>_<compile>
 
 Each round runs ``--steps`` steps of every variant (rotating the order between rounds) after
 a warm-up; the table reports the median over rounds and the spread, and the ratio to the
-hand-written step. Run from a plain checkout::
+hand-written step.
+
+Memory: each variant also runs alone in a fresh process (warm-up, then ``--steps`` steps).
+The second table gives its peak resident set size above a baseline taken before the variant
+is built, once over building and warm-up (tracing and compilation included) and once over
+the steps after warm-up (Linux: the peak is reset through ``/proc/self/clear_refs``); on
+CUDA also ``torch.cuda.max_memory_allocated`` over the same two spans. ``--no-memory``
+skips these runs.
+
+Run from a plain checkout::
 
     python experiments/bench_training.py --rounds 7 --steps 50 --out docs/bench_training_cpu.md
 """
@@ -25,8 +34,10 @@ hand-written step. Run from a plain checkout::
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -139,12 +150,17 @@ def synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
-def run(args) -> dict[str, list[float]]:
+def load_batches(args) -> tuple[torch.Tensor, ...]:
     from pyrovae.data import load_binarized_mnist
 
+    data = load_binarized_mnist(args.data_dir).train[: args.batch_size * 64]
+    # The arrays load column-major; fit gathers each minibatch into a row-major tensor.
+    return data.contiguous().to(args.device).split(args.batch_size)
+
+
+def run(args) -> dict[str, list[float]]:
     device = args.device
-    data = load_binarized_mnist(args.data_dir).train[: args.batch_size * 64].to(device)
-    batches = data.split(args.batch_size)
+    batches = load_batches(args)
     steps = {name: build() for name, build in variants(args.backends, device).items()}
     for step in steps.values():  # warm-up: first-step validation, tracing, compilation
         for batch in batches[: args.warmup]:
@@ -163,10 +179,123 @@ def run(args) -> dict[str, list[float]]:
     return timings
 
 
+def _status_kib(field: str) -> int | None:
+    """A memory field (``VmRSS``, ``VmHWM``) of this process from /proc, in KiB."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set size (VmHWM) to its current size (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def memory_probe(args) -> dict:
+    """In a fresh process: build one variant, warm it up, run ``--steps`` steps; peak memory
+    (MiB) of the build and warm-up (tracing, compilation) and of the steps, above a baseline."""
+    device, name = args.device, args.memory_probe
+    cuda = torch.device(device).type == "cuda"
+    batches = load_batches(args)
+    scratch = nn.Linear(FEATURES, HIDDEN).to(device)  # thread pools, BLAS buffers and lazily
+    scratch(batches[0]).sum().backward()  # imported modules (autograd, Adam) belong to the
+    torch.optim.Adam(scratch.parameters()).step()  # baseline
+    del scratch
+    synchronize(device)
+    mib = 1024.0
+    baseline = _status_kib("VmRSS")
+    resettable = baseline is not None and _reset_peak_rss()
+
+    def peak_above_baseline() -> float | None:
+        return (_status_kib("VmHWM") - baseline) / mib if resettable else None
+
+    step = variants(args.backends, device)[name]()
+    for batch in batches[: args.warmup]:
+        step(batch)
+    synchronize(device)
+    result = {"baseline_rss_mib": None if baseline is None else baseline / mib}
+    result["build_peak_rss_mib"] = peak_above_baseline()
+    if cuda:
+        result["build_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / mib**2
+        torch.cuda.reset_peak_memory_stats()
+    resettable = resettable and _reset_peak_rss()
+    for i in range(args.steps):
+        step(batches[i % len(batches)])
+    synchronize(device)
+    result["steps_peak_rss_mib"] = peak_above_baseline()
+    if cuda:
+        result["steps_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / mib**2
+    return result
+
+
+def measure_memory(args) -> dict[str, dict]:
+    """Run :func:`memory_probe` for every variant, each in a fresh process."""
+    results = {}
+    for name in variants(args.backends, args.device):
+        command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--memory-probe",
+            name,
+            "--device",
+            args.device,
+            "--batch-size",
+            str(args.batch_size),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--backends",
+            ",".join(args.backends),
+        ]
+        if args.data_dir is not None:
+            command += ["--data-dir", args.data_dir]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[name] = json.loads(output.strip().splitlines()[-1])
+    return results
+
+
 def describe_device(device: str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name()
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def memory_markdown(memory: dict[str, dict], args) -> str:
+    cuda = torch.device(args.device).type == "cuda"
+    columns = {
+        "build_peak_rss_mib": "RSS peak, build + warm-up",
+        "steps_peak_rss_mib": "RSS peak, steps",
+    }
+    if cuda:
+        columns["build_peak_allocated_mib"] = "CUDA allocated peak, build + warm-up"
+        columns["steps_peak_allocated_mib"] = "CUDA allocated peak, steps"
+    baselines = [r["baseline_rss_mib"] for r in memory.values() if r["baseline_rss_mib"]]
+    baseline = f"{statistics.median(baselines):.0f} MiB" if baselines else "n/a"
+    lines = [
+        f"Peak memory in MiB: each variant alone in a fresh process, {args.warmup} warm-up + "
+        f"{args.steps} steps. RSS: peak resident set size above the baseline (after imports, "
+        f"data and one Adam step of a scratch layer; median {baseline}); build + warm-up "
+        "includes tracing and compilation; steps: the timed steps after warm-up (model, "
+        "optimizer state and each step's memory).",
+        "",
+        "| variant | " + " | ".join(columns.values()) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
+    for name, record in memory.items():
+        cells = ["n/a" if record[key] is None else f"{record[key]:.1f}" for key in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(timings: dict[str, list[float]], args) -> str:
@@ -202,10 +331,22 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure each variant's peak memory in a fresh process",
+    )
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for backend in args.backends:
         TrainConfig(compile=backend)  # validates the names
+    if args.memory_probe is not None:
+        print(json.dumps(memory_probe(args)))
+        return
     table = markdown(run(args), args)
+    if args.memory:
+        table += "\n\n" + memory_markdown(measure_memory(args), args)
     print(table)
     if args.out is not None:
         args.out.write_text(table + "\n")
