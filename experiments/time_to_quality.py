@@ -3,8 +3,9 @@
 Statically binarized MNIST (50000 training images), the architecture of Burda et al. (2016):
 MLP 784-200-200-50 with tanh, Bernoulli likelihood, diagonal Gaussian guide, standard Normal
 prior; Adam (lr 1e-3), batch 128, one draw of z per data point. Every variant starts from the
-same initial weights, visits the data in the same order and trains the same objective
-(analytic KL by default):
+same initial weights, visits the data in the same order, draws the same noise (seeded as
+``fit`` seeds it) and trains the same objective (analytic KL by default), so the runs differ
+only by floating-point rounding:
 
 handwritten     plain PyTorch loop: reparameterization, closed-form KL, BCE with logits, Adam
 eager           ``pyrovae.VAE.fit`` on the library's Pyro model and guide
@@ -16,9 +17,12 @@ the same code for every variant: one reparameterized draw per image from a fixed
 from the training time and reported separately. A variant stops after the first epoch whose
 test ELBO reaches the threshold, or at ``--max-epochs``.
 
-Training time is the wall time of the variant's training loop (for ``VAE.fit``: the whole
-call, including its input validation and, in the first epoch, tracing or compilation) minus
-the evaluations; s/epoch is the median epoch time (for ``fit``, from its history).
+The variants run interleaved: each in its own thread, one epoch at a time in turn, so that
+load from other processes falls on all of them alike (each keeps its own RNG state across
+turns). Training time is the wall time of the variant's training loop (for ``VAE.fit``: the
+whole call, including its input validation and, in the first epoch, tracing or compilation)
+minus its evaluations and its waits for the other variants; s/epoch is the median epoch
+time (for ``fit``, from its history).
 
 ``VAE.fit`` has no per-epoch callback; it calls ``save`` after every epoch when given a
 checkpoint path, so a subclass of :class:`pyrovae.VAE` evaluates there (between epochs,
@@ -27,7 +31,7 @@ outside fit's epoch timer; nothing is written) and stops the fit at the threshol
 Example (from a plain checkout)::
 
     PYROVAE_DATA_DIR=../shared/data python experiments/time_to_quality.py \\
-        --variants handwritten,eager,graph --out docs/time_to_quality_cpu.md
+        --out docs/time_to_quality_cpu.md
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -133,13 +138,51 @@ def test_elbo(encode, logits, x: torch.Tensor, seed: int, chunk: int = 2000) -> 
     return float(total) / x.shape[0]
 
 
-class Evaluator:
-    """Runs :func:`test_elbo` after each epoch, keeps the records and the evaluation time."""
+class Turns:
+    """Round-robin turns of the variants, each in its own thread: one runs at a time, for one
+    epoch (and its evaluation), so that load from other processes falls on all variants
+    alike. Each variant's torch RNG state is kept across turns, as if it ran alone."""
 
-    def __init__(self, name: str, test: torch.Tensor, args):
-        self.name, self.test, self.args = name, test, args
+    def __init__(self, names: list[str], device: torch.device):
+        self.names, self.cuda = list(names), device.type == "cuda"
+        self.current, self.finished = 0, set()
+        self.states: dict[str, tuple] = {}
+        self.condition = threading.Condition()
+
+    def wait(self, name: str) -> None:
+        with self.condition:
+            self.condition.wait_for(lambda: self.names[self.current] == name)
+        if name in self.states:
+            cpu, cuda = self.states[name]
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda)
+
+    def pass_on(self, name: str, finished: bool = False) -> None:
+        cuda = torch.cuda.get_rng_state() if self.cuda else None
+        self.states[name] = (torch.get_rng_state(), cuda)
+        with self.condition:
+            if finished:
+                self.finished.add(name)
+            if len(self.finished) < len(self.names):
+                position = self.current
+                while True:
+                    position = (position + 1) % len(self.names)
+                    if self.names[position] not in self.finished:
+                        break
+                self.current = position
+            self.condition.notify_all()
+
+
+class Evaluator:
+    """After each epoch: runs :func:`test_elbo`, keeps the records, then hands the turn on.
+    ``seconds`` is the evaluation time; ``paused`` all time spent here (evaluations and
+    waiting for the other variants), which the training time excludes."""
+
+    def __init__(self, name: str, test: torch.Tensor, turns: Turns, args):
+        self.name, self.test, self.turns, self.args = name, test, turns, args
         self.records: list[dict] = []
-        self.seconds = 0.0
+        self.seconds = self.paused = 0.0
 
     def __call__(self, epoch: int, epoch_seconds: float, encode, logits) -> bool:
         """Record epoch ``epoch``; return whether the threshold is reached."""
@@ -152,15 +195,19 @@ class Evaluator:
                 f"{self.name}: epoch {epoch} test ELBO {elbo:.2f} ({epoch_seconds:.1f} s)",
                 flush=True,
             )
-        return elbo >= self.args.threshold
+        reached = elbo >= self.args.threshold
+        if not reached:
+            self.turns.pass_on(self.name)
+            self.turns.wait(self.name)
+        self.paused += time.perf_counter() - started
+        return reached
 
 
-def run_handwritten(train, test, args) -> dict:
+def run_handwritten(evaluator: Evaluator, train, args) -> dict:
     device = torch.device(args.device)
     model = Handwritten().copy_from(initial_vae(args)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     train = train.to(device)
-    evaluator = Evaluator("handwritten", test.to(device), args)
     pyro.set_rng_seed(args.seed)  # what fit does: the draws of z come from the global stream
     generator = torch.Generator(device=device).manual_seed(args.seed)  # fit's data order
     started = time.perf_counter()
@@ -202,11 +249,11 @@ class EvaluatedVAE(VAE):
             raise _ThresholdReached
 
 
-def run_fit(compile_mode: str, train, test, args) -> dict:
-    name = "eager" if compile_mode == "none" else compile_mode
+def run_fit(evaluator: Evaluator, train, args) -> dict:
+    compile_mode = "none" if evaluator.name == "eager" else evaluator.name
     vae = EvaluatedVAE(VAEConfig(num_features=784, **ARCHITECTURE))
     vae.load_state_dict(initial_vae(args).state_dict())
-    vae.evaluator = Evaluator(name, test.to(args.device), args)
+    vae.evaluator = evaluator
     options = {
         "objective": OBJECTIVES[args.objective],
         "epochs": args.max_epochs,
@@ -234,13 +281,40 @@ def summary(evaluator: Evaluator, elapsed: float, args) -> dict:
     return {
         "epochs": len(records),
         "epochs_to_threshold": reached[0] if reached else None,
-        "train_seconds": elapsed - evaluator.seconds,
+        "train_seconds": elapsed - evaluator.paused,
         "seconds_per_epoch": statistics.median(r["seconds"] for r in records),
         "first_epoch_seconds": records[0]["seconds"],
         "eval_seconds": evaluator.seconds,
         "final_test_elbo": records[-1]["test_elbo"],
         "records": records,
     }
+
+
+def run_in_turns(variants: list[str], train, test, args) -> dict:
+    """Run every variant in its own thread, one epoch at a time in turn (see :class:`Turns`)."""
+    device = torch.device(args.device)
+    turns = Turns(variants, device)
+    results, errors = {}, {}
+
+    def work(name: str) -> None:
+        try:
+            turns.wait(name)
+            evaluator = Evaluator(name, test.to(device), turns, args)
+            run = run_handwritten if name == "handwritten" else run_fit
+            results[name] = run(evaluator, train, args)
+        except BaseException as error:  # re-raised in the main thread
+            errors[name] = error
+        finally:
+            turns.pass_on(name, finished=True)
+
+    threads = [threading.Thread(target=work, args=(name,), name=name) for name in variants]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, error in errors.items():
+        raise RuntimeError(f"variant {name!r} failed") from error
+    return {name: results[name] for name in variants}
 
 
 def hardware(device: str) -> str:
@@ -277,8 +351,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--variants",
-        default="handwritten,eager,graph",
-        help=f"comma-separated, from {', '.join(VARIANTS)}",
+        default="handwritten,eager,inductor",
+        help=f"comma-separated, from {', '.join(VARIANTS)} (inductor: the faster compiled "
+        "path on CPU once its compilation, about 10 s, is paid)",
     )
     parser.add_argument("--threshold", type=float, default=-100.0)
     parser.add_argument("--max-epochs", type=int, default=300)
@@ -304,12 +379,7 @@ def main(argv=None) -> None:
     train = data.train if args.train_points is None else data.train[: args.train_points]
     # The arrays load column-major; every variant gathers its minibatches from row-major copies.
     train, test = train.contiguous(), data.test.contiguous()
-    results = {}
-    for name in variants:
-        if name == "handwritten":
-            results[name] = run_handwritten(train, test, args)
-        else:
-            results[name] = run_fit("none" if name == "eager" else name, train, test, args)
+    results = run_in_turns(variants, train, test, args)
     command = "python experiments/time_to_quality.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
