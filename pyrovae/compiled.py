@@ -15,8 +15,8 @@ shape a tensor already has, transposes of transposes, detaches). Replay runs wit
 off: the graph already holds the backward pass, so recording it again would only cost time
 and keep every intermediate tensor alive through the gradients.
 
-:meth:`CompiledStep.loss_and_norm` also computes the gradients' global 2-norm (and clips
-them) inside the graph, with the same operations as ``torch.nn.utils.clip_grad_norm_``.
+The method :meth:`CompiledStep.loss_and_norm` also computes the gradients' global 2-norm
+(and clips them) inside the graph, with the operations of ``torch.nn.utils.clip_grad_norm_``.
 
 What is frozen at trace time: Python control flow and any number read from a tensor. That
 holds for the built-in VAE and for models whose structure does not depend on data values;
@@ -206,8 +206,8 @@ class CompiledStep:
         ``"graph"`` replays the traced ATen graph; ``"inductor"`` compiles it further.
 
     Calling it with a batch sets ``.grad`` of every parameter of ``loss_module`` and returns
-    the loss per data point (a detached tensor; no host synchronisation).
-    :meth:`loss_and_norm` does the same and also returns the gradients' global 2-norm.
+    the loss per data point (a detached tensor; no host synchronisation); the method
+    ``loss_and_norm`` also returns the gradients' global 2-norm.
     """
 
     def __init__(self, loss_module: nn.Module, backend: str = "graph"):
