@@ -122,6 +122,8 @@ def launched_by_torchrun() -> bool:
 def init_from_environment(backend: str = "auto") -> DataParallelContext | None:
     """Join the process group described by ``torchrun``'s environment variables.
 
+    With NCCL, this process's current CUDA device becomes ``cuda:<LOCAL_RANK>``.
+
     Parameters
     ----------
     backend : str
@@ -145,6 +147,8 @@ def init_from_environment(backend: str = "auto") -> DataParallelContext | None:
     if not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":  # collectives of Python objects use the current device
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(backend=backend)
     return active_context()
 
