@@ -383,8 +383,9 @@ def read_amat(path: str | os.PathLike[str]) -> np.ndarray:
 
 
 def _as_float(images: np.ndarray, scale: float = 1.0) -> torch.Tensor:
-    """Flatten images to ``(N, D)`` float32 and divide by ``scale``."""
-    flat = np.asarray(images).reshape(len(images), -1).astype(np.float32)
+    """Flatten images to ``(N, D)`` row-major float32 (each data point contiguous, so that
+    gathering a minibatch is fast) and divide by ``scale``."""
+    flat = np.asarray(images).reshape(len(images), -1).astype(np.float32, order="C")
     if scale != 1.0:
         flat /= np.float32(scale)
     return torch.from_numpy(flat)

@@ -408,13 +408,17 @@ def train_step(
         as detached 0-d tensors on the device.
     """
     batch = batch if isinstance(batch, tuple) else (batch,)
-    if parallel is None:
-        loss = _loss_and_gradients(loss_module, batch, validate)
+    parameters = _parameters(optimizer)
+    if parallel is None and _norm_in_graph(loss_module, parameters):
+        loss, grad_norm = loss_module.loss_and_norm(*batch, clip_norm=clip_norm)
     else:
-        loss = _parallel_loss_and_gradients(
-            loss_module, optimizer, batch, validate, parallel, global_batch_size
-        )
-    grad_norm = _gradient_norm(_parameters(optimizer), clip_norm)
+        if parallel is None:
+            loss = _loss_and_gradients(loss_module, batch, validate)
+        else:
+            loss = _parallel_loss_and_gradients(
+                loss_module, optimizer, batch, validate, parallel, global_batch_size
+            )
+        grad_norm = _gradient_norm(parameters, clip_norm)
     if not guard or bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
         optimizer.step()
     return loss, grad_norm
@@ -422,6 +426,13 @@ def train_step(
 
 def _parameters(optimizer) -> list[torch.Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _norm_in_graph(loss_module, parameters: list[torch.Tensor]) -> bool:
+    """Whether a compiled step computes (and clips) the gradients' norm inside its graph,
+    equal to :func:`_gradient_norm`: its parameters are the optimizer's, in the same order.
+    (Not under data parallelism: the norm is taken after the gradients are averaged.)"""
+    return isinstance(loss_module, CompiledStep) and loss_module.same_parameters(parameters)
 
 
 def _loss_and_gradients(
