@@ -231,6 +231,13 @@ class TrainConfig(_DictConfig):
     beta, kl_warmup_epochs, free_bits : float, int, float
         KL weight, linear KL warm-up length (epochs) and free bits (nats per latent
         dimension) of the ``"annealed_meanfield_elbo"`` objective.
+    lr_schedule : str
+        ``"constant"`` or ``"plateau"``: multiply the learning rate by ``lr_decay`` after
+        ``lr_patience`` epochs without a better validation ELBO, and stop (converged) when
+        a further decay would go below ``min_learning_rate``; ``epochs`` is then a maximum.
+        Needs validation data. See :mod:`pyrovae.schedules`.
+    lr_decay, lr_patience, min_learning_rate : float, int, float
+        Settings of the ``"plateau"`` schedule.
     """
 
     objective: str = "trace_elbo"
@@ -252,6 +259,10 @@ class TrainConfig(_DictConfig):
     beta: float = 1.0
     kl_warmup_epochs: int = 0
     free_bits: float = 0.0
+    lr_schedule: str = "constant"
+    lr_decay: float = 0.5
+    lr_patience: int = 10
+    min_learning_rate: float = 1e-5
 
     def objective_options(self) -> dict[str, Any]:
         """Options of :attr:`objective`, as :func:`pyrovae.objectives.make_objective` takes them."""
@@ -278,6 +289,11 @@ class TrainConfig(_DictConfig):
             raise ValueError(f"rollback_factor must lie in (0, 1), got {self.rollback_factor!r}")
         _require_positive_int("max_rollbacks", self.max_rollbacks)
         _require_choice("compile", self.compile, ("none", "graph", "inductor"))
+        _require_choice("lr_schedule", self.lr_schedule, ("constant", "plateau"))
+        if not 0 < self.lr_decay < 1:
+            raise ValueError(f"lr_decay must lie in (0, 1), got {self.lr_decay!r}")
+        _require_positive_int("lr_patience", self.lr_patience)
+        _require_positive_float("min_learning_rate", self.min_learning_rate)
         self._check_objective_options()
 
     def _check_objective_options(self) -> None:

@@ -26,8 +26,9 @@ from pyrovae.data import binarize
 from pyrovae.distributed import DataParallelContext, active_context
 from pyrovae.objectives import ANALYTIC_KL_OBJECTIVES, make_objective
 from pyrovae.randomness import capture_rng_state, restore_rng_state
+from pyrovae.schedules import PlateauSchedule
 
-HISTORY_COLUMNS = ("epoch", "train_elbo", "valid_elbo", "seconds")
+HISTORY_COLUMNS = ("epoch", "train_elbo", "valid_elbo", "seconds", "learning_rate")
 
 
 @dataclass
@@ -37,7 +38,8 @@ class History:
     ``train_elbo`` is the average over the epoch's steps of the minibatch ELBO per data
     point; ``valid_elbo`` the ELBO per data point on the validation data after the epoch
     (one draw per point, analytic KL when the objective uses it). Both in nats, higher is
-    better; ``valid_elbo`` is ``None`` without validation data.
+    better; ``valid_elbo`` is ``None`` without validation data. ``learning_rate`` is Adam's
+    step size during the epoch.
     """
 
     records: list[dict] = field(default_factory=list)
@@ -84,7 +86,13 @@ class NonFiniteTrainingError(FloatingPointError):
 
 
 def fit(
-    vae, train, validation, config: TrainConfig, checkpoint_path=None, resume: bool = False
+    vae,
+    train,
+    validation,
+    config: TrainConfig,
+    checkpoint_path=None,
+    resume: bool = False,
+    best_path=None,
 ) -> History:
     """Fit ``vae`` (a :class:`pyrovae.models.latent_variable.LatentVariableModel`, e.g. a
     :class:`pyrovae.VAE`) and return its :class:`History`.
@@ -106,6 +114,9 @@ def fit(
     resume : bool
         Continue from the checkpoint at ``checkpoint_path`` (same model and settings; a
         larger ``epochs`` extends the run).
+    best_path : str or Path, optional
+        Also write the model (a loadable file without training state) here after every
+        epoch whose validation ELBO is the best so far. Needs validation data.
     """
     parallel = active_context()
     device = resolve_device(config.device)
@@ -121,6 +132,10 @@ def fit(
         )
     if parallel is not None:
         _check_shardable(train[0].shape[0], config.batch_size, parallel.world_size)
+    if validation is None and (config.lr_schedule != "constant" or best_path is not None):
+        raise ValueError(
+            "lr_schedule='plateau' and best_path follow the validation ELBO: pass validation data"
+        )
     saved = _read_resume_checkpoint(vae, config, checkpoint_path, parallel) if resume else None
 
     pyro.set_rng_seed(config.seed if parallel is None else parallel.seed_for_rank(config.seed))
@@ -143,12 +158,15 @@ def fit(
         loss_module = _distributed_module(loss_module, device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
     history = History()
+    schedule = PlateauSchedule(config.lr_decay, config.lr_patience, config.min_learning_rate)
     first_epoch = (
-        1 if saved is None else _restore(vae, optimizer, history, generator, saved, parallel)
+        1
+        if saved is None
+        else _restore(vae, optimizer, history, generator, saved, parallel, schedule)
     )
     vae.optimizer_, vae.train_config_, vae.history_ = optimizer, config, history
     rollbacks, epoch = 0, first_epoch
-    while epoch <= config.epochs:
+    while epoch <= config.epochs and not schedule.converged:
         snapshot = (
             _snapshot(vae, optimizer, generator) if config.on_nonfinite == "rollback" else None
         )
@@ -170,14 +188,19 @@ def fit(
             "train_elbo": train_elbo,
             "valid_elbo": _validation_elbo(vae, validation, config, parallel),
             "seconds": time.perf_counter() - started,
+            "learning_rate": optimizer.param_groups[0]["lr"],
         }
         history.records.append(record)
+        best = record["valid_elbo"] is not None and schedule.step(
+            epoch, record["valid_elbo"], optimizer, adjust=config.lr_schedule == "plateau"
+        )
         if config.progress and (parallel is None or parallel.is_main):
             tqdm.write(_describe(record, config.epochs))
-        if checkpoint_path is not None and (
-            epoch % config.checkpoint_every == 0 or epoch == config.epochs
-        ):
-            _save_checkpoint(vae, checkpoint_path, epoch, generator, parallel)
+        last = epoch == config.epochs or schedule.converged
+        if best and best_path is not None and (parallel is None or parallel.is_main):
+            vae.save(best_path)
+        if checkpoint_path is not None and (epoch % config.checkpoint_every == 0 or last):
+            _save_checkpoint(vae, checkpoint_path, epoch, generator, parallel, schedule)
         epoch += 1
     if parallel is not None:
         parallel.barrier()  # the last checkpoint is written before any rank returns
@@ -205,9 +228,10 @@ def _distributed_module(loss_module, device: torch.device):
     return DistributedDataParallel(loss_module, device_ids=device_ids, static_graph=True)
 
 
-def _save_checkpoint(vae, path, epoch: int, generator, parallel) -> None:
+def _save_checkpoint(vae, path, epoch: int, generator, parallel, schedule) -> None:
     """Rank 0 writes; every rank contributes its RNG state (a collective under parallelism)."""
     state = _training_state(epoch, generator)
+    state["schedule"] = schedule.state_dict()
     if parallel is not None:
         state["world_size"] = parallel.world_size
         state["rng_of_ranks"] = parallel.gather(state["rng"])
@@ -261,7 +285,9 @@ def _check_world_size(state: dict, parallel, path) -> None:
         )
 
 
-def _restore(vae, optimizer, history: History, generator, payload: dict, parallel=None) -> int:
+def _restore(
+    vae, optimizer, history: History, generator, payload: dict, parallel, schedule
+) -> int:
     """Load a resume checkpoint into the live objects; return the next epoch to run."""
     vae.load_state_dict(payload["model_state"])
     optimizer.load_state_dict(payload["optimizer_state"])
@@ -269,6 +295,8 @@ def _restore(vae, optimizer, history: History, generator, payload: dict, paralle
     state = payload["training_state"]
     rng = state["rng"] if parallel is None else state["rng_of_ranks"][parallel.rank]
     restore_rng_state(rng, generator)
+    if "schedule" in state:
+        schedule.load_state_dict(state["schedule"])
     return int(state["epoch"]) + 1
 
 

@@ -137,7 +137,7 @@ def test_history_exports_to_jsonl_and_csv(digits, tmp_path):
         batch_size=64,
         progress=False,
     )
-    assert HISTORY_COLUMNS == ("epoch", "train_elbo", "valid_elbo", "seconds")
+    assert HISTORY_COLUMNS == ("epoch", "train_elbo", "valid_elbo", "seconds", "learning_rate")
 
     jsonl = tmp_path / "history.jsonl"
     history.to_jsonl(jsonl)

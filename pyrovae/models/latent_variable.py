@@ -90,7 +90,15 @@ class LatentVariableModel(nn.Module):
         Any objective can try a user's model; :class:`pyrovae.VAE` refuses analytic-KL
         objectives for families without a closed-form KL."""
 
-    def fit(self, train, validation=None, checkpoint_path=None, resume=False, **train_options):
+    def fit(
+        self,
+        train,
+        validation=None,
+        checkpoint_path=None,
+        resume=False,
+        best_path=None,
+        **train_options,
+    ):
         """Fit by stochastic variational inference; see :class:`pyrovae.config.TrainConfig`
         for ``train_options`` and :func:`pyrovae.training.fit` for checkpointing and resuming.
 
@@ -102,7 +110,15 @@ class LatentVariableModel(nn.Module):
             Per-epoch train and validation ELBO (nats per data point, higher is better).
         """
         config = TrainConfig.from_dict(train_options)
-        return fit(self, train, validation, config, checkpoint_path=checkpoint_path, resume=resume)
+        return fit(
+            self,
+            train,
+            validation,
+            config,
+            checkpoint_path=checkpoint_path,
+            resume=resume,
+            best_path=best_path,
+        )
 
     # -- evaluation --------------------------------------------------------------------
     def elbo_of(
