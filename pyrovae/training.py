@@ -126,6 +126,7 @@ def fit(
     train = vae.training_inputs(train, config, "training data")
     if validation is not None:
         validation = vae.training_inputs(validation, config, "validation data")
+    vae.prepare_parameters(*train)
     if config.batch_size > train[0].shape[0]:
         raise ValueError(
             f"batch_size={config.batch_size} exceeds the {train[0].shape[0]} training data points"
@@ -165,6 +166,7 @@ def fit(
         else _restore(vae, optimizer, history, generator, saved, parallel, schedule)
     )
     vae.optimizer_, vae.train_config_, vae.history_ = optimizer, config, history
+    vae.saved_optimizer_state_ = vae.saved_training_state_ = None  # this fit's own from now on
     rollbacks, epoch = 0, first_epoch
     while epoch <= config.epochs and not schedule.converged:
         snapshot = (

@@ -51,7 +51,8 @@ def first_tensor(*args, **kwargs) -> torch.Tensor:
 def latent_sites(model: Callable, args: tuple, kwargs: dict, data_plate: str) -> list[LatentSite]:
     """The model's latent sites, in order, each checked to be local to the data plate."""
     with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):
-        trace = poutine.trace(model).get_trace(*args, **kwargs)
+        with pyro.get_param_store().scope():  # a function's pyro.param calls leave no trace
+            trace = poutine.trace(model).get_trace(*args, **kwargs)
     sites = []
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site["is_observed"] or name == data_plate:

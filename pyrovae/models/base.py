@@ -1,9 +1,56 @@
-"""Base class for Pyro model and guide modules whose parameters stay local to the module."""
+"""Base class for Pyro model and guide modules whose parameters stay local to the module,
+and the handler that makes such parameters visible to :class:`pyro.infer.SVI`."""
 
 from __future__ import annotations
 
+import weakref
+
 import pyro
+import torch
 from pyro.nn import PyroModule
+from pyro.poutine.messenger import Messenger
+
+
+def is_param_store_statement(msg: dict) -> bool:
+    """Whether a ``param`` message is a real ``pyro.param`` call (served by Pyro's parameter
+    store) rather than the stand-in statement a module-local :class:`PyroModule` emits for
+    its own parameters."""
+    return getattr(msg["fn"], "__self__", None) is pyro.get_param_store()
+
+
+def unconstrained_handle(parameter: torch.Tensor) -> torch.Tensor:
+    """A detached alias of ``parameter`` whose ``.unconstrained()`` returns the parameter
+    itself, as Pyro's parameter store does for its values; the parameter is not modified."""
+    handle = parameter.detach()
+    handle.unconstrained = weakref.ref(parameter)
+    return handle
+
+
+def unconstrained_parameter(value) -> torch.Tensor | None:
+    """The trainable tensor behind a ``param`` site's value, or ``None`` for a non-tensor."""
+    if hasattr(value, "unconstrained"):
+        return value.unconstrained()
+    return value if isinstance(value, torch.Tensor) else None
+
+
+class ModuleParamSites(Messenger):
+    """Gives the ``param`` sites of module-local parameters the ``.unconstrained()`` handle
+    that :class:`pyro.infer.SVI` and ``pyro.optim`` read.
+
+    Under ``module_local_params=True`` a :class:`PyroModule` announces each plain
+    ``nn.Parameter`` with a stand-in ``param`` statement whose value is the bare parameter,
+    which has no ``.unconstrained``; ``SVI.step`` then fails. This handler answers such a
+    statement with :func:`unconstrained_handle` (the module itself ignores the statement's
+    value). Constrained ``PyroParam`` values and real ``pyro.param`` calls pass unchanged.
+    """
+
+    def _pyro_param(self, msg: dict) -> None:
+        if msg["done"] or is_param_store_statement(msg):
+            return
+        value = msg["fn"](*msg["args"], **msg["kwargs"])
+        if isinstance(value, torch.nn.Parameter) and not hasattr(value, "unconstrained"):
+            value = unconstrained_handle(value)
+        msg["value"], msg["done"] = value, True
 
 
 class LocalParamsModule(PyroModule):
@@ -13,7 +60,9 @@ class LocalParamsModule(PyroModule):
     ``pyro.settings.context(module_local_params=True)``, so the module's parameters are
     ordinary ``torch.nn.Parameter`` s owned by the module: two models with the same
     attribute names live side by side in one process without colliding, and the user's
-    own global Pyro settings are left as they were.
+    own global Pyro settings are left as they were. Calls also run under
+    :class:`ModuleParamSites`, so ``pyro.infer.SVI(model, guide, pyro.optim.Adam(...),
+    Trace_ELBO())`` trains these parameters as it trains those of the parameter store.
     """
 
     def __init__(self, name: str = ""):
@@ -21,5 +70,5 @@ class LocalParamsModule(PyroModule):
             super().__init__(name)
 
     def __call__(self, *args, **kwargs):
-        with pyro.settings.context(module_local_params=True):
+        with pyro.settings.context(module_local_params=True), ModuleParamSites():
             return super().__call__(*args, **kwargs)

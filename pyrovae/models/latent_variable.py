@@ -7,6 +7,11 @@ non-finite guard, compiled steps), the same per-datapoint :meth:`elbo` and impor
 
 Data convention: the model and guide are called as ``model(*inputs)``, every input a tensor
 whose first axis indexes the data points of the plate ``data_plate``.
+
+Model and guide may be modules or Pyro functions (``pyro.param``, ``pyro.module``,
+``PyroModule`` s on Pyro's global store, bound methods): functions are wrapped by
+:class:`pyrovae.models.functions.PyroFunction`, so that every parameter they use is owned,
+trained, saved and loaded here, never in Pyro's global parameter store.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyro
+import pyro.util
 import torch
+from pyro import poutine
 from torch import nn
 
 from pyrovae.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from pyrovae.config import TrainConfig
 from pyrovae.evaluation.importance import evaluate
 from pyrovae.evaluation.traces import particle_terms
+from pyrovae.models.functions import ParamRegistry, as_pyro_module
 from pyrovae.training import History, fit
 from pyrovae.validation import as_data_tensor
 
@@ -30,15 +38,21 @@ class LatentVariableModel(nn.Module):
 
     Parameters
     ----------
-    model, guide : torch.nn.Module
+    model, guide : torch.nn.Module or callable
         A Pyro model and guide with the same latent sites, all inside the plate
-        ``data_plate`` (e.g. :class:`pyrovae.models.base.LocalParamsModule` subclasses, or a
-        guide built by :class:`pyrovae.models.autoguide.AmortizedGuide`).
+        ``data_plate``: :class:`pyrovae.models.base.LocalParamsModule` subclasses (a guide
+        built by :class:`pyrovae.models.autoguide.AmortizedGuide`, the built-in VAE's), or
+        any Pyro program (function, bound method, ``PyroModule``, ``nn.Module`` calling
+        ``pyro.module``): its ``pyro.param`` / ``pyro.module`` parameters are owned by
+        :attr:`pyro_params` and trained with the rest.
     data_plate : str
         Name of the plate over data points.
 
     Attributes
     ----------
+    pyro_params : pyrovae.models.functions.ParamRegistry
+        Parameters named by ``pyro.param`` / ``pyro.module`` statements of function-style
+        programs (created on their first call; empty for modules).
     history_, train_config_, optimizer_ :
         Record, settings and optimizer of the last :meth:`fit`.
     metadata_ : dict
@@ -47,16 +61,73 @@ class LatentVariableModel(nn.Module):
 
     def __init__(self, model: nn.Module, guide: nn.Module, data_plate: str = "data"):
         super().__init__()
-        self.model, self.guide, self.data_plate = model, guide, data_plate
+        self.pyro_params = ParamRegistry()
+        self.model = as_pyro_module(model, self.pyro_params)
+        self.guide = as_pyro_module(guide, self.pyro_params)
+        self.data_plate = data_plate
         self.history_: History | None = None
         self.train_config_: TrainConfig | None = None
         self.optimizer_: torch.optim.Optimizer | None = None
         self.saved_optimizer_state_: dict | None = None
+        self.saved_training_state_: dict | None = None
         self.metadata_: dict = {}
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        """Device of the parameters (the CPU for a model without any)."""
+        parameter = next(self.parameters(), None)
+        return torch.device("cpu") if parameter is None else parameter.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating dtype of the parameters (torch's default for a model without any)."""
+        parameter = next(self.parameters(), None)
+        return torch.get_default_dtype() if parameter is None else parameter.dtype
+
+    # -- parameters --------------------------------------------------------------------
+    def prepare_parameters(self, *inputs: torch.Tensor) -> None:
+        """Create the lazily initialised parameters of function-style programs by one call
+        of guide and model on the first data point(s), then check that every parameter the
+        programs use is one of :meth:`parameters` (so a fit can never train part of the
+        model). Random state is left as it was.
+
+        Raises
+        ------
+        ValueError
+            When a ``param`` statement names a tensor this module does not own, e.g. a
+            ``pyro.param`` inside a module's ``forward`` (it lives in a parameter store
+            scope no optimizer sees).
+        """
+        probe = tuple(t[: min(2, t.shape[0])] for t in inputs)
+        with torch.random.fork_rng(devices=_cuda_devices(probe)):
+            state = pyro.util.get_rng_state()
+            try:
+                used = self._parameters_used(probe)
+            finally:
+                pyro.util.set_rng_state(state)
+        owned = {id(p) for p in self.parameters()}
+        stray = [name for name, tensor in used.items() if id(tensor) not in owned]
+        if stray:
+            raise ValueError(
+                f"parameter(s) {', '.join(map(repr, stray))} of the model or guide are not "
+                "owned by this LatentVariableModel and would not be trained: declare them as "
+                "module attributes (nn.Parameter / PyroParam), or write the program as a "
+                "function with pyro.param / pyro.module and pass the function"
+            )
+
+    def _parameters_used(self, probe: tuple) -> dict[str, torch.Tensor]:
+        """Trainable tensor behind every ``param`` site of one guide + model call."""
+        from pyrovae.models.base import unconstrained_parameter
+
+        with poutine.trace(param_only=True) as params, torch.no_grad():
+            guide_trace = poutine.trace(self.guide).get_trace(*probe)
+            poutine.replay(self.model, trace=guide_trace)(*probe)
+        used = {}
+        for name, site in params.trace.nodes.items():
+            tensor = unconstrained_parameter(site["value"])
+            if tensor is not None and tensor.requires_grad:
+                used[name] = tensor
+        return used
 
     # -- data --------------------------------------------------------------------------
     def inputs(self, *args, name: str = "data") -> tuple[torch.Tensor, ...]:
@@ -74,8 +145,7 @@ class LatentVariableModel(nn.Module):
         for i, tensor in enumerate(tensors):
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{name} argument {i} contains NaN or infinite values")
-        dtype = next(self.parameters()).dtype
-        return tuple(t.to(device=self.device, dtype=dtype) for t in tensors)
+        return tuple(t.to(device=self.device, dtype=self.dtype) for t in tensors)
 
     def training_inputs(self, data, config: TrainConfig, name: str) -> tuple[torch.Tensor, ...]:
         """Inputs for :func:`pyrovae.training.fit`; ``data`` is a tensor or a tuple of them."""
@@ -182,10 +252,27 @@ class LatentVariableModel(nn.Module):
         )
 
     # -- files -------------------------------------------------------------------------
-    def payload(self, metadata: dict | None = None, training_state: dict | None = None) -> dict:
-        """Everything :meth:`save` writes (plain data and tensors)."""
+    def payload(
+        self,
+        metadata: dict | None = None,
+        training_state: dict | None = None,
+        include_training_state: bool = True,
+    ) -> dict:
+        """Everything :meth:`save` writes (plain data and tensors).
+
+        The optimizer and resume state are those of the last :meth:`fit`, or those read by
+        :meth:`load` when no fit ran since; ``include_training_state=False`` leaves both out
+        (a smaller file that cannot be resumed)."""
         from pyrovae import __version__
 
+        optimizer_state = (
+            self.optimizer_.state_dict() if self.optimizer_ is not None
+            else self.saved_optimizer_state_
+        )
+        if training_state is None:
+            training_state = self.saved_training_state_
+        if not include_training_state:
+            optimizer_state = training_state = None
         return {
             "training_state": training_state,
             "metadata": dict(metadata or self.metadata_),
@@ -193,21 +280,56 @@ class LatentVariableModel(nn.Module):
             "config": None,
             "model_state": self.state_dict(),
             "train_config": None if self.train_config_ is None else self.train_config_.to_dict(),
-            "optimizer_state": None if self.optimizer_ is None else self.optimizer_.state_dict(),
+            "optimizer_state": optimizer_state,
             "history": None if self.history_ is None else list(self.history_.records),
         }
 
     def save(
-        self, path: str | Path, metadata: dict | None = None, training_state: dict | None = None
+        self,
+        path: str | Path,
+        metadata: dict | None = None,
+        training_state: dict | None = None,
+        include_training_state: bool = True,
     ) -> Path:
         """Write parameters, optimizer state and history to one file (atomically); a
-        ``training_state`` (from :func:`pyrovae.training.fit`) makes it resumable."""
-        return write_checkpoint(self.payload(metadata, training_state), path)
+        ``training_state`` (from :func:`pyrovae.training.fit`, or kept from :meth:`load`)
+        makes it resumable. The file holds tensors and plain data only: loading it never
+        runs code (``torch.load(weights_only=True)``), and the model's code is not in it."""
+        payload = self.payload(metadata, training_state, include_training_state)
+        return write_checkpoint(payload, path)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        model,
+        guide,
+        data_plate: str = "data",
+        device: str | torch.device = "cpu",
+    ) -> LatentVariableModel:
+        """A model saved by :meth:`save`, rebuilt around your ``model`` and ``guide`` code.
+
+        The file holds no code: pass the same model and guide (functions, modules or an
+        :class:`~pyrovae.models.autoguide.AmortizedGuide` built as before) and their
+        parameters, history, optimizer and resume state are restored by name. Parameters
+        of function-style programs are restored on their first use.
+
+        Example
+        -------
+        >>> fitted.save("model.pt")                                       # doctest: +SKIP
+        >>> again = LatentVariableModel.load("model.pt", model, AmortizedGuide(model, x[:4]))
+        """
+        from pyrovae.training import resolve_device
+
+        return cls(model, guide, data_plate).to(resolve_device(device)).load_state(path)
 
     def check_resumable(self, payload: dict, path) -> None:
         """Raise unless ``payload``'s parameters fit this model exactly (names and shapes)."""
         saved = {name: tuple(t.shape) for name, t in payload["model_state"].items()}
         mine = {name: tuple(t.shape) for name, t in self.state_dict().items()}
+        for name in set(saved) - set(mine):  # not created yet: restored on first use
+            if name.startswith("pyro_params."):
+                mine[name] = saved[name]
         if saved != mine:
             raise ValueError(f"cannot resume: the parameters in {path} do not match this model")
 
@@ -232,4 +354,12 @@ class LatentVariableModel(nn.Module):
         if optimizer_state is not None and not isinstance(optimizer_state, dict):
             raise TypeError(f"optimizer state is a {type(optimizer_state).__name__}")
         self.saved_optimizer_state_ = optimizer_state
+        training_state = payload.get("training_state")
+        if training_state is not None and not isinstance(training_state, dict):
+            raise TypeError(f"training state is a {type(training_state).__name__}")
+        self.saved_training_state_ = training_state
         self.metadata_ = dict(payload.get("metadata") or {})
+
+
+def _cuda_devices(tensors: tuple) -> list[int]:
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})

@@ -361,9 +361,15 @@ class VAE(LatentVariableModel):
             progress=progress,
         )
 
-    def payload(self, metadata: dict | None = None, training_state: dict | None = None) -> dict:
+    def payload(
+        self,
+        metadata: dict | None = None,
+        training_state: dict | None = None,
+        include_training_state: bool = True,
+    ) -> dict:
         """What :meth:`save` writes: also the config, so that :meth:`load` can rebuild."""
-        return {**super().payload(metadata, training_state), "config": self.config.to_dict()}
+        payload = super().payload(metadata, training_state, include_training_state)
+        return {**payload, "config": self.config.to_dict()}
 
     def check_resumable(self, payload: dict, path) -> None:
         if VAEConfig.from_dict(payload["config"]) != self.config:
@@ -373,8 +379,9 @@ class VAE(LatentVariableModel):
             )
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VAE:
-        """Load a model saved by :meth:`save`; never executes code from the file."""
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VAE:  # type: ignore[override]
+        """Load a model saved by :meth:`save`; never executes code from the file. The
+        optimizer and resume state come along: saving it again writes them back."""
         device = resolve_device(device)
         payload = read_checkpoint(path, device=device)
         try:

@@ -1,0 +1,219 @@
+"""Users' Pyro models and guides written as functions, made into modules that own every
+parameter they use.
+
+A Pyro user writes ``pyro.param("w", init, constraint=...)``, ``pyro.module("decoder",
+net)`` or calls a :class:`~pyro.nn.PyroModule` inside a plain function (or a bound method).
+Those parameters normally live in Pyro's global parameter store, where an ordinary
+``torch.optim`` optimizer over ``model.parameters()`` never sees them, and a fit would
+silently train only part of the model. :class:`PyroFunction` runs the callable under a
+handler that serves every ``param`` statement from a :class:`ParamRegistry`, a module that
+owns the parameters: created from the initial value on first use (in the unconstrained
+space of the statement's constraint, as Pyro's store does) or adopted as the very
+``nn.Parameter`` a ``pyro.module`` / ``PyroModule`` statement names. Model and guide
+share one registry, so a guide may read a parameter the model created, by name, as with
+Pyro's store.
+
+Parameters are created lazily, on the first call:
+:meth:`pyrovae.models.latent_variable.LatentVariableModel.fit` runs one call on a data
+point before building its optimizer, and loading a file restores them by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from pyro.distributions import constraints
+from pyro.poutine.messenger import Messenger
+from torch import nn
+from torch.distributions import transform_to
+
+from pyrovae.models.base import (
+    LocalParamsModule,
+    is_param_store_statement,
+    unconstrained_handle,
+    unconstrained_parameter,
+)
+
+
+def _encode(name: str) -> str:
+    """A Pyro parameter name as a module attribute name (no dots, not empty)."""
+    return "p_" + name.replace("%", "%25").replace(".", "%2E")
+
+
+def _decode(attribute: str) -> str:
+    return attribute[2:].replace("%2E", ".").replace("%25", "%")
+
+
+class ParamRegistry(nn.Module):
+    """The parameters of function-style Pyro programs, by Pyro parameter name.
+
+    Each parameter is stored unconstrained (an ``nn.Parameter``); its constraint is the one
+    given by the ``pyro.param`` statement that uses it. A parameter adopted from a
+    ``pyro.module`` or ``PyroModule`` statement is that module's own ``nn.Parameter``
+    (training updates the user's module). Values loaded from a file before the first call
+    wait in :attr:`pending_` and are copied into each parameter when it first appears.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.constraints_: dict[str, constraints.Constraint] = {}
+        self.pending_: dict[str, torch.Tensor] = {}
+
+    def names(self) -> list[str]:
+        return [_decode(attribute) for attribute in self._parameters]
+
+    def __contains__(self, name: str) -> bool:
+        return _encode(name) in self._parameters
+
+    def parameter(self, name: str) -> nn.Parameter:
+        return self._parameters[_encode(name)]
+
+    def adopt(self, name: str, parameter: torch.Tensor) -> None:
+        """Own ``parameter`` (a user module's tensor) under ``name``; a value loaded for
+        that name is copied into it first."""
+        if not isinstance(parameter, nn.Parameter) or not parameter.requires_grad:
+            return
+        current = self._parameters.get(_encode(name))
+        if current is parameter:
+            return
+        if current is not None and name not in self.pending_:
+            raise ValueError(
+                f"Pyro parameter name {name!r} names two different tensors (one in each of "
+                "two modules or pyro.module calls); give each module its own name"
+            )
+        if name in self.pending_:
+            with torch.no_grad():
+                parameter.copy_(self.pending_.pop(name))
+        self.register_parameter(_encode(name), parameter)
+
+    def constrained(self, name: str, init, constraint, event_dim=None) -> torch.Tensor:
+        """The value of ``pyro.param(name, init, constraint)``: differentiable, with the
+        ``.unconstrained()`` handle Pyro's SVI reads."""
+        if name in self.pending_ and isinstance(init, nn.Parameter):
+            self.adopt(name, init)
+        if name not in self or name in self.pending_:
+            self._create(name, init, constraint)
+        constraint = self.constraints_.setdefault(name, constraint)
+        parameter = self.parameter(name)
+        if parameter is init:  # pyro.module: the caller compares identities only
+            return unconstrained_handle(parameter)
+        value = transform_to(constraint)(parameter)
+        value = value.view_as(value)  # an alias, so that the parameter itself stays unmarked
+        value.unconstrained = lambda: parameter
+        return value
+
+    def _create(self, name: str, init, constraint) -> None:
+        pending = self.pending_.pop(name, None)
+        if pending is not None:
+            self.register_parameter(_encode(name), nn.Parameter(pending.clone()))
+            return
+        if init is None:
+            raise KeyError(
+                f"pyro.param({name!r}) has no initial value and no earlier statement created "
+                "it; give its first use an initial tensor"
+            )
+        if callable(init) and not isinstance(init, torch.Tensor):
+            init = init()
+        if isinstance(init, nn.Parameter) and constraint is constraints.real:
+            self.adopt(name, init)
+            return
+        with torch.no_grad():
+            unconstrained = transform_to(constraint).inv(torch.as_tensor(init).detach())
+        self.constraints_[name] = constraint
+        self.register_parameter(_encode(name), nn.Parameter(unconstrained.clone()))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *rest):
+        """Values for parameters not created yet wait until their first statement."""
+        for key in list(state_dict):
+            attribute = key[len(prefix) :]
+            if key.startswith(prefix) and "." not in attribute and attribute not in self._parameters:
+                self.pending_[_decode(attribute)] = state_dict[key].detach().clone()
+        local = {k: v for k, v in state_dict.items() if k[len(prefix) :] in self._parameters}
+        super()._load_from_state_dict(local, prefix, local_metadata, strict, *rest)
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for name, value in self.pending_.items():
+            state[prefix + _encode(name)] = value
+        return state
+
+
+class RegistryParams(Messenger):
+    """Serves every ``param`` statement of a function-style program from a registry.
+
+    Tensors in ``owned`` (the parameters of a module that is already a submodule) are
+    answered but not registered a second time."""
+
+    def __init__(self, registry: ParamRegistry, owned: frozenset[int] = frozenset()):
+        super().__init__()
+        self.registry, self.owned = registry, owned
+
+    def _pyro_param(self, msg: dict) -> None:
+        if msg["done"] or not is_param_store_statement(msg):
+            self._module_statement(msg)
+            return
+        args = msg["args"]
+        init = args[1] if len(args) > 1 else msg["kwargs"].get("init_tensor")
+        constraint = msg["kwargs"].get("constraint", constraints.real)
+        if isinstance(init, nn.Parameter) and id(init) in self.owned:
+            msg["value"] = unconstrained_handle(init)
+        else:
+            msg["value"] = self.registry.constrained(msg["name"], init, constraint)
+        msg["done"] = True
+
+    def _module_statement(self, msg: dict) -> None:
+        """A module-local PyroModule's own parameter: adopt the tensor behind it."""
+        if not msg["done"]:
+            msg["value"], msg["done"] = msg["fn"](*msg["args"], **msg["kwargs"]), True
+        parameter = unconstrained_parameter(msg["value"])
+        if parameter is not None and id(parameter) not in self.owned:
+            self.registry.adopt(msg["name"], parameter)
+        value = msg["value"]
+        if isinstance(value, nn.Parameter) and not hasattr(value, "unconstrained"):
+            msg["value"] = unconstrained_handle(value)
+
+
+class PyroFunction(LocalParamsModule):
+    """A function-style Pyro model or guide as a module owning all its parameters.
+
+    Parameters
+    ----------
+    function : callable
+        The model or guide: a function, a bound method, or a module (a ``PyroModule`` that
+        uses Pyro's global parameter store, a plain ``nn.Module`` calling ``pyro.module``).
+        A bound method's object, when it is an ``nn.Module``, becomes a submodule, so all
+        its parameters are trained.
+    registry : ParamRegistry
+        Where the ``pyro.param`` parameters live; share one between a model and its guide.
+        It is not a submodule here (its owner, e.g. a ``LatentVariableModel``, holds it).
+    """
+
+    def __init__(self, function: Callable, registry: ParamRegistry):
+        super().__init__()
+        owner = getattr(function, "__self__", None)
+        if isinstance(function, nn.Module):
+            self.owner = function
+        elif isinstance(owner, nn.Module):
+            self.owner = owner
+        object.__setattr__(self, "function", function)
+        object.__setattr__(self, "registry", registry)
+
+    def forward(self, *args, **kwargs):
+        owned = frozenset(map(id, self.owner.parameters())) if "owner" in self._modules else None
+        with RegistryParams(self.registry, owned or frozenset()):
+            return self.function(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"function={getattr(self.function, '__qualname__', type(self.function).__name__)}"
+
+
+def as_pyro_module(program: Callable, registry: ParamRegistry) -> nn.Module:
+    """``program`` itself when it is a :class:`LocalParamsModule` (its parameters are its
+    own); otherwise a :class:`PyroFunction` owning the parameters its statements name."""
+    if isinstance(program, LocalParamsModule):
+        return program
+    if not callable(program):
+        raise TypeError(f"a Pyro model or guide must be callable, got {type(program).__name__}")
+    return PyroFunction(program, registry)
