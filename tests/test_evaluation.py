@@ -294,8 +294,10 @@ def test_evaluate_equals_hand_computation_for_the_same_draws(trained_vae, digits
     result = vae.evaluate(
         x, num_samples=count, ks=(1, 3, 12), seed=5, max_pairs=100, latent_diagnostics=False
     )
-    # max_pairs=100 < K N: 8 data points per chunk; keep the draws of the K-particle passes.
-    draws = [z for z in recorded if z.dim() == 3]
+    # max_pairs=100 < K N: 8 data points per chunk; keep the draws of the K-particle passes
+    # (not those of the memory probe, 32 draws of one point).
+    assert result.pairs_per_pass == 100
+    draws = [z for z in recorded if z.dim() == 3 and z.shape[0] == count]
     assert sum(z.shape[1] for z in draws) == 30
     z = torch.cat(draws, dim=1)
     assert z.shape == (count, 30, LATENT_DIM)

@@ -20,11 +20,28 @@ evaluation's seed and the block's index, so the results do not depend on how the
 spread over processes: under :mod:`torch.distributed` with several ranks, each rank
 evaluates a contiguous run of blocks and the per-datapoint results, gathered on every rank,
 equal those of one process.
+
+Memory: a pass traces at most ``max_pairs`` (draw, data point) pairs, and fewer when a bytes
+budget (``memory_budget``, by default :data:`DEFAULT_MEMORY_BUDGET` for the device, at most
+half of the memory available) would be exceeded: the bytes of one pair are measured once per
+evaluation by counting every tensor the traced model and guide allocate for one data point
+(:func:`bytes_per_pair`). The latent diagnostics obey the same number of pairs.
+
+Precision: where a float32 model's log weights are so large that float32 rounding (spacing
+eps * |log w|) is not small against their spread over the K draws, the block is computed again
+from a float64 copy of the model and guide (column ``float64`` is 1 for those points); where
+even float64 cannot resolve them, evaluation stops with an error instead of reporting
+rounded-away weights as equal (ESS = K, k-hat = -inf, gap 0).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
+import hashlib
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +70,27 @@ KHAT_THRESHOLD = 0.7
 CONSTANT_WEIGHT_SPREAD = 1e-6
 """Log weights of one data point spread less than this (nats) count as equal: no tail."""
 
+KHAT_INFINITE_VARIANCE = 0.5
+"""Pareto k-hat above which the importance weights have infinite variance (plain IS)."""
+
+MIN_SAMPLES_FOR_KHAT = 100
+"""Fewer draws than this leave too few tail draws for a reliable Pareto k-hat."""
+
+ROUNDING_TOLERANCE = 1e-3
+"""Rounding error (nats) of the log weights accepted whatever their spread."""
+
+ROUNDING_SHARE = 0.01
+"""Rounding error accepted as a share of the spread (max - min) of a point's log weights."""
+
+DEFAULT_MEMORY_BUDGET = {"cpu": 512 * 2**20, "cuda": 4 * 2**30}
+"""Bytes one evaluation pass may allocate, per device type (then at most half of the
+memory available)."""
+
+REDUCTION_BYTES_PER_PAIR = 512
+"""Bytes per (draw, data point) pair of the float64 reductions and the PSIS fit."""
+
+AIS_COMMAND = "pyrovae evaluate --model MODEL --method ais"
+
 
 @dataclass
 class EvaluationResult:
@@ -68,12 +106,23 @@ class EvaluationResult:
         The k of the ``iwae_<k>`` columns.
     latent : dict of str to LatentUse
         Latent-use diagnostics per latent site (empty when not computed).
+    dropped_ks : tuple of int
+        Requested k larger than K, whose IWAE_k was not computed (stated by :meth:`table`).
+    data_fingerprint : str or None
+        :func:`data_fingerprint` of the evaluated data, so that results can be paired
+        (:func:`pyrovae.evaluation.comparison.compare`) only on the same points.
+    pairs_per_pass : int or None
+        (draw, data point) pairs traced at once: the blocks hold ``pairs_per_pass // K``
+        points; pass it as ``max_pairs`` to reproduce the draws elsewhere.
     """
 
     per_datapoint: dict[str, np.ndarray]
     num_samples: int
     ks: tuple[int, ...]
     latent: dict[str, LatentUse] = field(default_factory=dict)
+    dropped_ks: tuple[int, ...] = ()
+    data_fingerprint: str | None = None
+    pairs_per_pass: int | None = None
 
     BOUNDS = ("elbo", "elbo_analytic")
 
@@ -120,7 +169,31 @@ class EvaluationResult:
                 f"latent site {site!r}: {use.active_units} active units of "
                 f"{len(use.mean_variance)}, mutual information {use.mutual_information:.3f} nats"
             )
+        lines += [f"note: {note}" for note in self.notes()]
         return "\n".join(lines)
+
+    def notes(self) -> list[str]:
+        """Plain-language warnings about the reliability of these numbers (may be empty)."""
+        notes = [_khat_note(self.per_datapoint["khat"])]
+        if self.num_samples < MIN_SAMPLES_FOR_KHAT:
+            notes.append(
+                f"K = {self.num_samples} draws are too few for a reliable Pareto k-hat (the "
+                f"tail fit needs K >= {MIN_SAMPLES_FOR_KHAT}; use 1000 or more)"
+            )
+        if self.dropped_ks:
+            dropped = ", ".join(map(str, self.dropped_ks))
+            notes.append(
+                f"IWAE_k for k = {dropped} not computed: k must be at most K = "
+                f"{self.num_samples} (raise the number of draws to get it)"
+            )
+        recomputed = int(self.per_datapoint.get("float64", np.zeros(0)).sum())
+        if recomputed:
+            notes.append(
+                f"{recomputed} of {self.num_points} data points had float32 log weights too "
+                "large for float32 rounding to resolve their spread; they were recomputed "
+                "from a float64 copy of the model and guide"
+            )
+        return [note for note in notes if note]
 
     def to_dict(self) -> dict:
         """Plain Python containers (lists and numbers), e.g. for JSON."""
@@ -130,6 +203,10 @@ class EvaluationResult:
             "per_datapoint": {name: values.tolist() for name, values in self.per_datapoint.items()},
             "summary": self.summary(),
             "share_high_khat": self.share_high_khat,
+            "notes": self.notes(),
+            "dropped_ks": list(self.dropped_ks),
+            "data_fingerprint": self.data_fingerprint,
+            "pairs_per_pass": self.pairs_per_pass,
             "latent": {
                 site: {
                     "kl_per_dim": None if use.kl_per_dim is None else use.kl_per_dim.tolist(),
@@ -167,12 +244,38 @@ class EvaluationResult:
         return to_arviz(xarray.Dataset(variables, attrs=attrs))
 
 
-def _check_ks(ks: Sequence[int], num_samples: int) -> tuple[int, ...]:
+def _khat_note(khat: np.ndarray) -> str:
+    """A plain-language statement about high k-hat values, or '' when there are none."""
+    high, finite_variance = khat > KHAT_THRESHOLD, khat > KHAT_INFINITE_VARIANCE
+    if not finite_variance.any():
+        return ""
+    count = len(khat)
+    above = (
+        f"k-hat > {KHAT_THRESHOLD} for {high.mean():.1%} of the data points "
+        f"({int(high.sum())} of {count}): their log p_hat(x) is unreliable and may lie far "
+        "below log p(x). "
+        if high.any()
+        else ""
+    )
+    return (
+        f"{above}k-hat > {KHAT_INFINITE_VARIANCE} for {finite_variance.mean():.1%} "
+        f"({int(finite_variance.sum())} of {count}): for plain importance sampling that "
+        "already means the weights have infinite variance, so the standard error of "
+        f"log p_hat(x) is unreliable. Use annealed importance sampling: {AIS_COMMAND}"
+    )
+
+
+def _check_ks(
+    ks: Sequence[int], num_samples: int, drop_large: bool = False
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(kept, dropped) group sizes; k > K are dropped with ``drop_large``, else refused."""
     ks = tuple(ks)
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_samples:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"each k must be an integer in [1, K={num_samples}], got {k!r}")
-    return ks
+        if k > num_samples and not drop_large:
+            raise ValueError(f"each k must be an integer in [1, K={num_samples}], got {k!r}")
+    return tuple(k for k in ks if k <= num_samples), tuple(k for k in ks if k > num_samples)
 
 
 def _check_finite_weights(log_weights, offset: int) -> None:
@@ -193,7 +296,43 @@ def _khat(log_weights) -> np.ndarray:
     return khat
 
 
-def _reduce_chunk(terms, ks: tuple[int, ...], offset: int) -> dict[str, np.ndarray]:
+def rounding_error(terms) -> torch.Tensor:
+    """Rounding error of each data point's log weights, in nats, shape (N,): the spacing
+    eps * max_k(|log p(x|z_k)| + |log p(z_k)| + |log q(z_k|x)|) of the terms' dtype (a lower
+    bound: rounding inside the model can only add to it)."""
+    magnitude = terms.log_p_obs.abs() + terms.log_p_latent.abs() + terms.log_q.abs()
+    eps = torch.finfo(terms.log_p_obs.dtype).eps
+    return eps * magnitude.double().max(0).values
+
+
+def unresolved_points(terms) -> torch.Tensor:
+    """Mask (N,) of data points whose log weights rounding cannot resolve: the rounding
+    error exceeds both :data:`ROUNDING_TOLERANCE` nats and :data:`ROUNDING_SHARE` of the
+    spread (max - min over the K draws). Weights equal only through rounding fall here."""
+    log_weights = terms.log_weights.double()
+    spread = log_weights.max(0).values - log_weights.min(0).values
+    allowed = torch.clamp(ROUNDING_SHARE * spread, min=ROUNDING_TOLERANCE)
+    return rounding_error(terms) > allowed
+
+
+def _rounding_message(terms, mask: torch.Tensor, offset: int) -> str:
+    index = int(mask.nonzero()[0])
+    log_weights = terms.log_weights[:, index].double()
+    spread = float(log_weights.max() - log_weights.min())
+    return (
+        f"the {terms.log_p_obs.dtype} log importance weights of data point {offset + index} "
+        f"(and {int(mask.sum()) - 1} more in its block) are about "
+        f"{float(log_weights.abs().max()):.3g} nats, where rounding alone is "
+        f"{float(rounding_error(terms)[index]):.3g} nats against a spread of {spread:.3g} nats "
+        "between the draws: ESS, k-hat, the gap and the standard error would be artefacts of "
+        "rounding (equal weights look like a perfect proposal)"
+    )
+
+
+def _reduce_chunk(
+    terms, ks: tuple[int, ...], offset: int, float64: bool = False
+) -> dict[str, np.ndarray]:
+    """Per-datapoint columns of one block; ``float64`` marks a block recomputed in float64."""
     log_weights = terms.log_weights
     _check_finite_weights(log_weights, offset)
     log_px, log_px_se, ess = importance_estimate(log_weights)
@@ -208,6 +347,7 @@ def _reduce_chunk(terms, ks: tuple[int, ...], offset: int) -> dict[str, np.ndarr
     columns = {name: values.cpu().numpy() for name, values in columns.items()}
     columns["khat"] = _khat(log_weights)
     columns["gap"] = columns["log_px"] - columns["elbo"]
+    columns["float64"] = np.full(log_weights.shape[1], float(float64))
     return columns
 
 
@@ -222,6 +362,9 @@ def evaluate(
     seed: int | None = None,
     latent_diagnostics: bool = True,
     progress: bool = False,
+    memory_budget: int | None = None,
+    drop_large_ks: bool = False,
+    float64_fallback: bool = True,
     **kwargs,
 ) -> EvaluationResult:
     """Importance-sampled bounds on log p(x), per data point, for a Pyro model and guide.
@@ -235,20 +378,31 @@ def evaluate(
     num_samples : int
         K, draws z_k ~ q(z | x_n) per data point (5000 for published test log-likelihoods).
     ks : sequence of int
-        Group sizes k of the IWAE_k bounds, each at most K.
+        Group sizes k of the IWAE_k bounds, each at most K (see ``drop_large_ks``).
     data_plate : str
         Name of the plate over data points.
     max_pairs : int
-        Most (draw, data point) pairs traced at once; peak memory is proportional to it.
+        Most (draw, data point) pairs traced at once; fewer when ``memory_budget`` requires
+        it (the number used is ``result.pairs_per_pass``). Peak memory is proportional to it.
     seed : int, optional
         Seed Pyro's RNGs first, for reproducible draws; the draws of each block of
-        ``max_pairs // num_samples`` data points are seeded from it and the block's index.
-        Without it, the block seeds derive from one number drawn from torch's RNG (on rank 0,
-        under data parallelism).
+        ``pairs_per_pass // num_samples`` data points are seeded from it and the block's
+        index. Without it, the block seeds derive from one number drawn from torch's RNG (on
+        rank 0, under data parallelism).
     latent_diagnostics : bool
-        Also compute :func:`pyrovae.evaluation.latents.latent_use`.
+        Also compute :func:`pyrovae.evaluation.latents.latent_use` (within the same pairs).
     progress : bool
         Show a progress bar over data points.
+    memory_budget : int, optional
+        Bytes one pass may allocate; by default :func:`default_memory_budget` of the data's
+        device. Divided by :func:`bytes_per_pair` it caps the pairs per pass.
+    drop_large_ks : bool
+        Leave out (instead of refusing) k larger than K; ``result.dropped_ks`` and the table
+        say so.
+    float64_fallback : bool
+        Recompute a block from a float64 copy of the model and guide when float32 rounding
+        cannot resolve its log weights (see :func:`unresolved_points`); with ``False``, or
+        where float64 fails too, raise ``ValueError`` instead.
 
     Returns
     -------
@@ -256,7 +410,7 @@ def evaluate(
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples (K) must be a positive integer, got {num_samples!r}")
-    ks = _check_ks(ks, num_samples)
+    ks, dropped_ks = _check_ks(ks, num_samples, drop_large_ks)
     if seed is not None:
         pyro.set_rng_seed(seed)
     parallel = active_context()
@@ -264,7 +418,12 @@ def evaluate(
     length = _batched_length(args, kwargs)
     probe_args, probe_kwargs = _slice_arguments(args, kwargs, length, slice(0, 1))
     nesting = guess_max_plate_nesting(model, guide, *probe_args, **probe_kwargs)
-    blocks = list(chunk_bounds(length, max(1, max_pairs // num_samples)))
+    pairs = evaluation_pairs(
+        model, guide, probe_args, probe_kwargs, nesting, data_plate, max_pairs, memory_budget
+    )
+    pairs = pairs if parallel is None else parallel.broadcast_object(pairs)
+    blocks = list(chunk_bounds(length, max(1, pairs // num_samples)))
+    rerun = _Float64Rerun(model, guide, num_samples, data_plate, pairs, nesting, float64_fallback)
     mine = (
         range(len(blocks)) if parallel is None else range(len(blocks))[parallel.shard(len(blocks))]
     )
@@ -283,18 +442,25 @@ def evaluate(
                     *chunk_args,
                     num_particles=num_samples,
                     data_plate=data_plate,
-                    max_pairs=max_pairs,
+                    max_pairs=pairs,
                     max_plate_nesting=nesting,
                     **chunk_kwargs,
                 )
-            for name, values in _reduce_chunk(terms, ks, offset=start).items():
+            seeded = _seeded(devices, derived_seed(base_seed, block))
+            reduced = _reduce_block(terms, ks, start, rerun, seeded, chunk_args, chunk_kwargs)
+            for name, values in reduced.items():
                 columns.setdefault(name, []).append(values)
             bar.update(stop - start)
     if parallel is not None:
         columns = _gather_columns(columns, parallel)
     per_datapoint = {name: np.concatenate(parts) for name, parts in columns.items()}
-    latent = latent_use(model, guide, *args, **kwargs) if latent_diagnostics else {}
-    return EvaluationResult(per_datapoint, num_samples, ks, latent)
+    latent = (
+        latent_use(model, guide, *args, max_pairs=pairs, **kwargs) if latent_diagnostics else {}
+    )
+    fingerprint = data_fingerprint(*_data_tensors(args, kwargs, length))
+    return EvaluationResult(
+        per_datapoint, num_samples, ks, latent, dropped_ks, fingerprint, pairs_per_pass=pairs
+    )
 
 
 def _base_seed(seed: int | None, parallel) -> int:
@@ -318,3 +484,245 @@ def _gather_columns(columns: dict[str, list[np.ndarray]], parallel) -> dict[str,
         for name, values in part.items():
             gathered.setdefault(name, []).extend(values)
     return gathered
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def _seeded(devices: list[int], seed: int):
+    """A factory of contexts that run code on a private RNG stream seeded with ``seed``."""
+
+    @contextlib.contextmanager
+    def context():
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    return context
+
+
+def _reduce_block(terms, ks, offset: int, rerun, seeded, chunk_args, chunk_kwargs) -> dict:
+    """The block's columns; recomputed in float64 (same seed) where rounding hides the spread
+    of its log weights, and an error where float64 cannot resolve them either."""
+    mask = unresolved_points(terms)
+    if not bool(mask.any()):
+        return _reduce_chunk(terms, ks, offset)
+    message = _rounding_message(terms, mask, offset)
+    if terms.log_p_obs.dtype == torch.float64:
+        raise ValueError(f"{message}; even float64 cannot resolve them: rescale the data")
+    with seeded():
+        precise = rerun(chunk_args, chunk_kwargs, message)
+    mask = unresolved_points(precise)
+    if bool(mask.any()):
+        raise ValueError(
+            f"{_rounding_message(precise, mask, offset)}; even float64 cannot resolve them: "
+            "rescale the data"
+        )
+    return _reduce_chunk(precise, ks, offset, float64=True)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class _Float64Rerun:
+    """Traces a block again with float64 copies of the model, guide and data (made once, on
+    first use), within half the pairs per pass (float64 numbers take twice the bytes)."""
+
+    def __init__(self, model, guide, num_samples, data_plate, pairs, nesting, enabled: bool):
+        self.model, self.guide, self.enabled = model, guide, enabled
+        self.options = {
+            "num_particles": num_samples,
+            "data_plate": data_plate,
+            "max_pairs": max(1, pairs // 2),
+            "max_plate_nesting": nesting,
+        }
+        self.copies = None
+
+    def __call__(self, args: tuple, kwargs: dict, message: str):
+        if not self.enabled:
+            raise ValueError(
+                f"{message}; evaluate a float64 model (model.double(), data.double()) or pass "
+                "float64_fallback=True"
+            )
+        try:
+            with _default_dtype(torch.float64):
+                terms = self._terms(args, kwargs)
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise ValueError(
+                f"{message}; recomputing them from a float64 copy of the model and guide failed "
+                f"({error}); evaluate a float64 model (model.double(), data.double())"
+            ) from error
+        if terms.log_p_obs.dtype != torch.float64:
+            raise ValueError(
+                f"{message}; a float64 copy of the model still computes in "
+                f"{terms.log_p_obs.dtype}: evaluate a float64 model"
+            )
+        return terms
+
+    def _terms(self, args: tuple, kwargs: dict):
+        if self.copies is None:
+            self.copies = _float64_copies(self.model, self.guide)
+        args64, kwargs64 = _float64_arguments(args, kwargs)
+        model, guide = self.copies
+        return particle_terms(model, guide, *args64, **self.options, **kwargs64)
+
+
+def _float64_copies(model, guide) -> tuple:
+    """Deep copies of model and guide (shared submodules stay shared), modules in float64."""
+    model, guide = copy.deepcopy((model, guide))
+    for program in (model, guide):
+        if isinstance(program, torch.nn.Module):
+            program.double()
+    return model, guide
+
+
+def _float64_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def convert(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.double()
+        return value
+
+    return tuple(map(convert, args)), {name: convert(v) for name, v in kwargs.items()}
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Bytes available on ``device`` (free CUDA memory; MemAvailable on Linux), or None."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def default_memory_budget(device: torch.device | str = "cpu") -> int:
+    """Bytes one evaluation pass may allocate by default: :data:`DEFAULT_MEMORY_BUDGET` for
+    the device type (512 MiB on CPUs, 4 GiB on GPUs), at most half the memory available."""
+    device = torch.device(device)
+    budget = DEFAULT_MEMORY_BUDGET.get(device.type, DEFAULT_MEMORY_BUDGET["cpu"])
+    available = _available_memory(device)
+    return budget if available is None else max(1, min(budget, available // 2))
+
+
+class _AllocationCounter:
+    """Counts the bytes of every new (non-aliasing) tensor that torch operators return."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        counter = self
+        counter.bytes = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not any(r.alias_info is not None for r in func._schema.returns):
+                    for leaf in tree_leaves(out):
+                        if isinstance(leaf, torch.Tensor):
+                            counter.bytes += leaf.untyped_storage().nbytes()
+                return out
+
+        self.mode = Mode()
+
+
+def bytes_per_pair(
+    model, guide, *args, data_plate: str = "data", max_plate_nesting: int = 1, draws: int = 32,
+    **kwargs,
+) -> int:
+    """Bytes allocated per (draw, data point) pair by one traced pass of model and guide.
+
+    Runs the model and guide once on the first data point with ``draws`` draws, counting every
+    tensor that torch operators allocate (views excluded), and divides by ``draws``: an upper
+    bound on the live memory per pair (freed temporaries are counted too). Random state is
+    left as it was. Falls back to 16 times the bytes of the traced sites when the counting
+    mode cannot run.
+
+    Returns
+    -------
+    int
+        Bytes per pair (the per-point cost of the encoder shared out over ``draws``).
+    """
+    from pyrovae.evaluation.traces import trace_terms
+
+    length = _batched_length(args, kwargs)
+    args, kwargs = _slice_arguments(args, kwargs, length, slice(0, 1))
+    counter = _AllocationCounter()
+    with torch.random.fork_rng(devices=_cuda_devices(args, kwargs)), torch.no_grad():
+        try:
+            with counter.mode:
+                terms = trace_terms(model, guide, args, kwargs, draws, data_plate, max_plate_nesting)
+            counted = counter.bytes
+        except Exception:  # noqa: BLE001 - the estimate must not stop an evaluation
+            terms = trace_terms(model, guide, args, kwargs, draws, data_plate, max_plate_nesting)
+            counted = 16 * 4 * terms.log_weights.element_size() * terms.log_weights.numel()
+    return max(1, math.ceil(counted / draws))
+
+
+def evaluation_pairs(
+    model, guide, probe_args, probe_kwargs, nesting, data_plate, max_pairs, memory_budget
+) -> int:
+    """(draw, data point) pairs per pass: ``max_pairs``, or fewer so that the pass's bytes
+    (:func:`bytes_per_pair` plus :data:`REDUCTION_BYTES_PER_PAIR`) fit ``memory_budget``."""
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
+        raise ValueError(f"max_pairs must be a positive integer, got {max_pairs!r}")
+    if memory_budget is None:
+        memory_budget = default_memory_budget(_device_of(probe_args, probe_kwargs))
+    elif not memory_budget > 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    per_pair = REDUCTION_BYTES_PER_PAIR + bytes_per_pair(
+        model, guide, *probe_args, data_plate=data_plate, max_plate_nesting=nesting, **probe_kwargs
+    )
+    return max(1, min(max_pairs, int(memory_budget // per_pair)))
+
+
+def _device_of(args: tuple, kwargs: dict) -> torch.device:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- data identity
+
+
+def _data_tensors(args: tuple, kwargs: dict, length: int) -> list[torch.Tensor]:
+    """The per-datapoint tensors (first axis of length N): positional, then by keyword."""
+    values = [*args, *(kwargs[name] for name in sorted(kwargs))]
+    return [
+        v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == length
+    ]
+
+
+def data_fingerprint(*tensors) -> str:
+    """A short hash of data tensors (shapes and values rounded to float32), to check that two
+    results were computed on the same data points in the same order.
+
+    Returns
+    -------
+    str
+        16 hexadecimal digits (SHA-256 prefix).
+    """
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        tensor = torch.as_tensor(tensor).detach()
+        digest.update(repr(tuple(tensor.shape)).encode())
+        rows = tensor.reshape(tensor.shape[0] if tensor.dim() else 1, -1)
+        for start in range(0, rows.shape[0], 4096):  # bounded temporary copies
+            block = rows[start : start + 4096].to("cpu", torch.float32).contiguous()
+            digest.update(block.numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -19,7 +19,6 @@ from pyrovae.evaluation.traces import (
     _slice_arguments,
     trace_pair,
 )
-from pyrovae.posteriors import posterior_moments
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 """A dimension d is active when Cov_x(E_q[z_d | x]) exceeds this (Burda et al., 2016)."""
@@ -63,20 +62,35 @@ def per_dimension_kl(guide_fn, prior_fn) -> torch.Tensor | None:
     return kl.reshape(-1, kl.shape[-1]) if kl.dim() > 1 else None
 
 
-def _mutual_information(guide_fn, num_points: int) -> float:
-    z = guide_fn.sample()  # (N, L): one draw per data point
-    log_q_own = guide_fn.log_prob(z)  # (N,)
-    rows = []
-    for start in range(0, num_points, 256):  # (rows, N) log q(z_n | x_m) blocks
-        draws = z[start : start + 256].unsqueeze(1)  # expanded: conditional flows need it
-        block = guide_fn.log_prob(draws.expand(-1, num_points, -1))
-        rows.append(torch.logsumexp(block.double(), dim=1) - math.log(num_points))
-    log_aggregate = torch.cat(rows)
-    return float((log_q_own.double() - log_aggregate).mean())
+def _mutual_information(pieces: list, max_pairs: int) -> float:
+    """I_q(x; z) with x uniform over the points of all ``pieces`` (guide distributions of
+    consecutive chunks of points), one draw z_n ~ q(. | x_n) each; the (z_n, x_m) pairs are
+    scored in blocks of at most ``max_pairs``."""
+    draws = [fn.sample() for fn in pieces]  # (n_i, ...) one draw per data point
+    log_q_own = torch.cat([fn.log_prob(z).double() for fn, z in zip(pieces, draws)])
+    draws = torch.cat(draws)
+    total, widest = draws.shape[0], max(fn.batch_shape[0] for fn in pieces)
+    rows = max(1, max_pairs // widest)
+    log_aggregate = torch.cat(
+        [_log_aggregate(draws[start : start + rows], pieces) for start in range(0, total, rows)]
+    )
+    return float((log_q_own - log_aggregate + math.log(total)).mean())
+
+
+def _log_aggregate(draws: torch.Tensor, pieces: list) -> torch.Tensor:
+    """log sum_m q(z_r | x_m) over every point m of every piece, for draws z_r: (rows,)."""
+    parts = []
+    for fn in pieces:
+        size = fn.batch_shape[0]
+        expanded = draws.unsqueeze(1).expand(-1, size, *draws.shape[1:])  # flows need it
+        parts.append(torch.logsumexp(fn.log_prob(expanded).double(), dim=1))
+    return torch.logsumexp(torch.stack(parts), dim=0)
 
 
 @torch.no_grad()
-def latent_use(model, guide, *args, max_points: int = 2000, seed: int = 0, **kwargs):
+def latent_use(
+    model, guide, *args, max_points: int = 2000, seed: int = 0, max_pairs: int = 2**16, **kwargs
+):
     """Latent-use diagnostics for each latent site, from one pass of guide and model.
 
     Parameters
@@ -85,14 +99,21 @@ def latent_use(model, guide, *args, max_points: int = 2000, seed: int = 0, **kwa
         Pyro model and guide taking ``*args, **kwargs`` (the data's first axis is the plate).
     max_points : int
         Evaluate on at most this many data points (a random subset, fixed by ``seed``); the
-        mutual-information estimate costs O(max_points^2).
+        mutual-information estimate costs O(max_points^2) time.
     seed : int
         Seeds the subset and the draws of the mutual-information estimate.
+    max_pairs : int
+        Memory bound, as in :func:`pyrovae.evaluation.importance.evaluate`: model and guide
+        run on at most this many points at once (one draw each), the mutual information
+        scores at most this many (draw, data point) pairs at once, and Monte Carlo moments
+        (flows) take at most this many draws at once.
 
     Returns
     -------
     dict of str to LatentUse
     """
+    if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
+        raise ValueError(f"max_pairs must be a positive integer, got {max_pairs!r}")
     length = _batched_length(args, kwargs)
     count = min(length, max_points)
     generator = torch.Generator().manual_seed(seed)
@@ -102,25 +123,56 @@ def latent_use(model, guide, *args, max_points: int = 2000, seed: int = 0, **kwa
     cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):  # seeded draws; the caller's RNG is untouched
         torch.manual_seed(seed)
-        with poutine.block():
-            model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
-        results = _site_diagnostics(model_trace, guide_trace, count)
+        pieces = [
+            _site_distributions(model, guide, *_slice_arguments(args, kwargs, count, index))
+            for index in _chunks(count, max_pairs)
+        ]
+        results = {
+            name: _site_use([piece[name] for piece in pieces], max_pairs) for name in pieces[0]
+        }
     return results
 
 
-def _site_diagnostics(model_trace, guide_trace, count: int) -> dict[str, LatentUse]:
+def _chunks(total: int, size: int) -> list[slice]:
+    return [slice(start, min(start + size, total)) for start in range(0, total, size)]
+
+
+def _site_distributions(model, guide, args: tuple, kwargs: dict) -> dict[str, tuple]:
+    """(guide distribution, prior distribution) of each latent site, for one chunk."""
+    with poutine.block():
+        model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
     _check_site_names(model_sites, guide_sites)
-    results = {}
-    for name, guide_site in guide_sites.items():
-        guide_fn = guide_site["fn"]
-        means = posterior_moments(guide_fn)[0].reshape(count, -1).double()
-        variance = means.var(0) if count > 1 else torch.zeros(means.shape[1])
-        kl = per_dimension_kl(guide_fn, model_sites[name]["fn"])
-        results[name] = LatentUse(
-            kl_per_dim=None if kl is None else kl.double().mean(0).cpu().numpy(),
-            mean_variance=variance.cpu().numpy(),
-            active_units=int((variance > ACTIVE_UNIT_THRESHOLD).sum()),
-            mutual_information=_mutual_information(guide_fn, count),
+    return {name: (site["fn"], model_sites[name]["fn"]) for name, site in guide_sites.items()}
+
+
+def _bounded_means(guide_fn, max_pairs: int, num_draws: int = 256) -> torch.Tensor:
+    """Posterior means (n, ...); Monte Carlo over ``num_draws`` draws, taken at most
+    ``max_pairs`` (draw, point) pairs at a time, when they have no closed form (flows)."""
+    try:
+        return guide_fn.mean
+    except NotImplementedError:
+        size = guide_fn.batch_shape[0]
+        step = max(1, max_pairs // size)
+        total = sum(
+            guide_fn.sample((min(step, num_draws - start),)).double().sum(0)
+            for start in range(0, num_draws, step)
         )
-    return results
+        return total / num_draws
+
+
+def _site_use(pieces: list[tuple], max_pairs: int) -> LatentUse:
+    guides = [guide_fn for guide_fn, _ in pieces]
+    means = torch.cat(
+        [_bounded_means(fn, max_pairs).double().reshape(fn.batch_shape[0], -1) for fn in guides]
+    )
+    count = means.shape[0]
+    variance = means.var(0) if count > 1 else torch.zeros(means.shape[1], dtype=torch.float64)
+    kls = [per_dimension_kl(guide_fn, prior_fn) for guide_fn, prior_fn in pieces]
+    kl = None if any(k is None for k in kls) else torch.cat(kls).double().mean(0)
+    return LatentUse(
+        kl_per_dim=None if kl is None else kl.cpu().numpy(),
+        mean_variance=variance.cpu().numpy(),
+        active_units=int((variance > ACTIVE_UNIT_THRESHOLD).sum()),
+        mutual_information=_mutual_information(guides, max_pairs),
+    )
