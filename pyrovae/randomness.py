@@ -7,8 +7,27 @@ from __future__ import annotations
 
 import random
 
+import numbers
+
 import numpy as np
 import torch
+
+SEED_LIMIT = 2**32
+"""Seeds must lie in ``[0, SEED_LIMIT)``: the range NumPy's global generator accepts (torch's
+and Python's accept more; a seed is checked before any of them is reseeded)."""
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as a Python ``int`` (NumPy integers accepted), or ``ValueError`` unless it is
+    an integer in ``[0, 2**32 - 1]``. Call it before reseeding anything, so that a refused
+    seed leaves every generator as it was."""
+    if (
+        isinstance(seed, (bool, np.bool_))
+        or not isinstance(seed, numbers.Integral)
+        or not 0 <= int(seed) < SEED_LIMIT
+    ):
+        raise ValueError(f"{name} must be a non-negative integer below 2**32, got {seed!r}")
+    return int(seed)
 
 
 def capture_rng_state(generator: torch.Generator | None = None) -> dict:
