@@ -187,18 +187,25 @@ class PyroFunction(LocalParamsModule):
         its parameters are trained.
     registry : ParamRegistry
         Where the ``pyro.param`` parameters live; share one between a model and its guide.
-        It is not a submodule here (its owner, e.g. a ``LatentVariableModel``, holds it).
+    register : bool
+        Hold ``registry`` as a submodule (``self.registry``), so that its parameters are
+        among this module's and reach any optimizer or compiled step built from it. Of a
+        model and guide sharing a registry, exactly one registers it (a second would
+        write every parameter twice into a file).
     """
 
-    def __init__(self, function: Callable, registry: ParamRegistry):
+    def __init__(self, function: Callable, registry: ParamRegistry, register: bool = True):
         super().__init__()
+        if register:
+            self.registry = registry
+        else:
+            object.__setattr__(self, "registry", registry)
         owner = getattr(function, "__self__", None)
         if isinstance(function, nn.Module):
             self.owner = function
         elif isinstance(owner, nn.Module):
             self.owner = owner
         object.__setattr__(self, "function", function)
-        object.__setattr__(self, "registry", registry)
 
     def forward(self, *args, **kwargs):
         owned = frozenset(map(id, self.owner.parameters())) if "owner" in self._modules else None
@@ -209,11 +216,20 @@ class PyroFunction(LocalParamsModule):
         return f"function={getattr(self.function, '__qualname__', type(self.function).__name__)}"
 
 
-def as_pyro_module(program: Callable, registry: ParamRegistry) -> nn.Module:
-    """``program`` itself when it is a :class:`LocalParamsModule` (its parameters are its
-    own); otherwise a :class:`PyroFunction` owning the parameters its statements name."""
-    if isinstance(program, LocalParamsModule):
-        return program
-    if not callable(program):
-        raise TypeError(f"a Pyro model or guide must be callable, got {type(program).__name__}")
-    return PyroFunction(program, registry)
+def as_pyro_modules(model: Callable, guide: Callable) -> tuple[nn.Module, nn.Module]:
+    """Model and guide as modules owning every parameter they use.
+
+    A :class:`LocalParamsModule` stays as it is (its parameters are its own); any other
+    program becomes a :class:`PyroFunction`. Wrapped programs share one
+    :class:`ParamRegistry`, held as a submodule by the first of them."""
+    for role, program in (("model", model), ("guide", guide)):
+        if not callable(program):
+            raise TypeError(f"the {role} must be callable, got {type(program).__name__}")
+    registry, modules = ParamRegistry(), []
+    for program in (model, guide):
+        if isinstance(program, LocalParamsModule):
+            modules.append(program)
+        else:
+            first = not any(isinstance(m, PyroFunction) for m in modules)
+            modules.append(PyroFunction(program, registry, register=first))
+    return modules[0], modules[1]

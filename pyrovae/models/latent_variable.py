@@ -28,7 +28,7 @@ from pyrovae.checkpoint import CheckpointError, read_checkpoint, write_checkpoin
 from pyrovae.config import TrainConfig
 from pyrovae.evaluation.importance import evaluate
 from pyrovae.evaluation.traces import particle_terms
-from pyrovae.models.functions import ParamRegistry, as_pyro_module
+from pyrovae.models.functions import ParamRegistry, PyroFunction, as_pyro_modules
 from pyrovae.training import History, fit
 from pyrovae.validation import as_data_tensor
 
@@ -50,9 +50,6 @@ class LatentVariableModel(nn.Module):
 
     Attributes
     ----------
-    pyro_params : pyrovae.models.functions.ParamRegistry
-        Parameters named by ``pyro.param`` / ``pyro.module`` statements of function-style
-        programs (created on their first call; empty for modules).
     history_, train_config_, optimizer_ :
         Record, settings and optimizer of the last :meth:`fit`.
     metadata_ : dict
@@ -61,9 +58,7 @@ class LatentVariableModel(nn.Module):
 
     def __init__(self, model: nn.Module, guide: nn.Module, data_plate: str = "data"):
         super().__init__()
-        self.pyro_params = ParamRegistry()
-        self.model = as_pyro_module(model, self.pyro_params)
-        self.guide = as_pyro_module(guide, self.pyro_params)
+        self.model, self.guide = as_pyro_modules(model, guide)
         self.data_plate = data_plate
         self.history_: History | None = None
         self.train_config_: TrainConfig | None = None
@@ -71,6 +66,16 @@ class LatentVariableModel(nn.Module):
         self.saved_optimizer_state_: dict | None = None
         self.saved_training_state_: dict | None = None
         self.metadata_: dict = {}
+
+    @property
+    def pyro_params(self) -> ParamRegistry | None:
+        """Parameters named by ``pyro.param`` / ``pyro.module`` statements of function-style
+        programs (created on their first call), or ``None`` when model and guide are both
+        :class:`~pyrovae.models.base.LocalParamsModule` s."""
+        for program in (self.model, self.guide):
+            if isinstance(program, PyroFunction):
+                return program.registry
+        return None
 
     @property
     def device(self) -> torch.device:
@@ -328,7 +333,7 @@ class LatentVariableModel(nn.Module):
         saved = {name: tuple(t.shape) for name, t in payload["model_state"].items()}
         mine = {name: tuple(t.shape) for name, t in self.state_dict().items()}
         for name in set(saved) - set(mine):  # not created yet: restored on first use
-            if name.startswith("pyro_params."):
+            if name.startswith(("model.registry.", "guide.registry.")):
                 mine[name] = saved[name]
         if saved != mine:
             raise ValueError(f"cannot resume: the parameters in {path} do not match this model")
