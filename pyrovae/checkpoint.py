@@ -203,6 +203,42 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def check_output_paths(*paths) -> None:
+    """Refuse, before any work is done, model-file paths that a write would fail on: an
+    existing directory or other non-regular file, a parent that is a file, a directory
+    that cannot be written, or the same file named twice (e.g. ``checkpoint_path`` and
+    ``best_path``). ``None`` entries are skipped.
+
+    Raises
+    ------
+    ValueError
+        Naming the path and the problem.
+    """
+    seen = {}
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        if path.name in ("", ".", ".."):
+            raise ValueError(f"model file path {str(path)!r} names a directory, not a file")
+        if path.exists() or path.is_symlink():
+            if path.is_dir():
+                raise ValueError(f"model file path {path} is a directory, not a file")
+            if not path.is_file():
+                raise ValueError(f"model file path {path} exists and is not a regular file")
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ValueError(f"cannot write model file {path}: {ancestor} is not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ValueError(f"cannot write model file {path}: no write permission in {ancestor}")
+        key = os.path.realpath(path)
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {path} name the same file; give two different paths")
+        seen[key] = path
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -450,6 +486,7 @@ __all__ = [
     "MAGIC",
     "STALE_TEMPORARY_SECONDS",
     "CheckpointError",
+    "check_output_paths",
     "encode_checkpoint",
     "read_checkpoint",
     "remove_stale_temporaries",

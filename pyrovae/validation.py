@@ -2,10 +2,111 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
+
 import numpy as np
+import pyro
 import torch
+from pyro import poutine
+from torch.distributions import constraints
 
 from pyrovae.likelihoods import Likelihood
+
+
+# --------------------------------------------------------------------------- plain values
+
+
+def plain(value):
+    """A NumPy scalar (or a 0-d array) as the Python value it holds; anything else unchanged."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.str_):
+        return str(value)
+    return value
+
+
+def is_integer(value) -> bool:
+    """An integer (Python or NumPy), not a boolean."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value) -> bool:
+    """A real number (Python or NumPy, integer or floating), not a boolean."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def positive_int(value, name: str) -> int:
+    """``value`` as an ``int`` if it is a positive integer (NumPy integers accepted), else
+    ``ValueError`` naming ``name``."""
+    if not is_integer(value) or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def integer_tuple(values, name: str) -> tuple:
+    """A sequence (list, tuple, 1-D NumPy array or tensor) as a tuple, NumPy and tensor
+    integers turned into ``int``; a scalar or a string is refused with ``ValueError``."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1:
+            raise ValueError(
+                f"{name} must be a sequence of integers, got an array of shape {values.shape}"
+            )
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a sequence of integers, got {values!r}")
+    return tuple(plain(value) for value in values)
+
+
+def normalize_config(config) -> None:
+    """Turn NumPy scalars and arrays in a frozen config dataclass into plain Python values
+    (``int``, ``float``, ``bool``, ``str``, tuples of ``int``), so that ``np.int64(10)``
+    epochs or ``np.array([256, 256])`` hidden sizes are accepted and saved as plain data;
+    then refuse non-numbers and NaN or infinite values in ``float`` fields (unless the
+    field's default is itself non-finite).
+
+    Raises
+    ------
+    ValueError
+        A ``float`` field holding something other than a finite real number.
+    """
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        annotation = str(field.type).replace(" ", "")
+        kinds = set(annotation.split("|"))
+        optional = "None" in kinds
+        if value is None and optional:
+            continue
+        if annotation.startswith("tuple["):
+            if isinstance(value, (np.ndarray, torch.Tensor, list)):
+                value = integer_tuple(value, field.name)
+            elif isinstance(value, tuple):
+                value = tuple(plain(v) for v in value)
+        else:
+            value = plain(value)
+        if kinds - {"None"} == {"str"} and not isinstance(value, str):
+            raise ValueError(f"{field.name} must be a string, got {value!r}")
+        if kinds - {"None"} == {"bool"} and not isinstance(value, bool):
+            raise ValueError(f"{field.name} must be True or False, got {value!r}")
+        if "float" in kinds:
+            default = field.default
+            may_be_infinite = isinstance(default, float) and not math.isfinite(default)
+            if not is_real(value) or not (math.isfinite(value) or may_be_infinite):
+                raise ValueError(f"{field.name} must be a finite number, got {value!r}")
+            value = float(value)
+        object.__setattr__(config, field.name, value)
+
+
+# --------------------------------------------------------------------------- data
 
 
 def as_data_tensor(x, name: str = "data") -> torch.Tensor:
@@ -27,11 +128,59 @@ def as_data_tensor(x, name: str = "data") -> torch.Tensor:
     return tensor
 
 
-def check_data(x, num_features: int, likelihood: Likelihood | None = None, name: str = "data"):
+def _first(mask: torch.Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in mask.nonzero()[0])
+
+
+def _where(index: tuple[int, ...]) -> str:
+    if len(index) == 2:
+        return f"row {index[0]}, column {index[1]}"
+    return f"index {index}"
+
+
+def check_finite(tensor: torch.Tensor, name: str = "data") -> torch.Tensor:
+    """``tensor``, or ``ValueError`` naming the count and the first NaN or infinite entry."""
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        index = _first(~finite)
+        raise ValueError(
+            f"{name} contains NaN or infinite values ({int((~finite).sum())} entries, first "
+            f"at {_where(index)}: {float(tensor[index])})"
+        )
+    return tensor
+
+
+def cast_checked(tensor: torch.Tensor, dtype: torch.dtype | None, name: str = "data"):
+    """``tensor`` (finite) in ``dtype``; ``ValueError`` if a value overflows it (float64 data
+    beyond float32's range would otherwise turn into infinities after the checks)."""
+    if dtype is None or tensor.dtype == dtype:
+        return tensor
+    cast = tensor.to(dtype)
+    if cast.is_floating_point():
+        overflow = ~torch.isfinite(cast)
+        if bool(overflow.any()):
+            index = _first(overflow)
+            raise ValueError(
+                f"{name} has values beyond the range of {str(dtype).removeprefix('torch.')}, "
+                f"the model's dtype ({int(overflow.sum())} entries, first at {_where(index)}: "
+                f"{float(tensor[index])!r}; largest finite value {torch.finfo(dtype).max:.4g}). "
+                "Rescale the data"
+            )
+    return cast
+
+
+def check_data(
+    x,
+    num_features: int,
+    likelihood: Likelihood | None = None,
+    name: str = "data",
+    dtype: torch.dtype | None = None,
+):
     """Validate a data matrix of shape (N, D) and return it as a floating tensor.
 
     Checks, in order: numeric dtype, two dimensions, at least one row, D features, finite
-    values, and the likelihood's support.
+    values, values within the range of ``dtype`` (when given: the result is in that
+    dtype), and the likelihood's support.
 
     Raises
     ------
@@ -52,13 +201,144 @@ def check_data(x, num_features: int, likelihood: Likelihood | None = None, name:
         raise ValueError(
             f"{name} has {tensor.shape[1]} features but the model expects {num_features}"
         )
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        row, col = (int(i) for i in (~finite).nonzero()[0])
-        raise ValueError(
-            f"{name} contains NaN or infinite values ({int((~finite).sum())} entries, first "
-            f"at row {row}, column {col}: {float(tensor[row, col])})"
-        )
+    check_finite(tensor, name)
+    tensor = cast_checked(tensor, dtype, name)
     if likelihood is not None:
         likelihood.check_support(tensor)
     return tensor
+
+
+def finite_inputs(tensors: tuple, dtype: torch.dtype, device, name: str = "data") -> tuple:
+    """Model inputs, each finite and within the range of ``dtype``, in that dtype on
+    ``device`` (argument ``i`` is named ``"{name} argument {i}"`` in errors)."""
+    checked = []
+    for i, tensor in enumerate(tensors):
+        label = f"{name} argument {i}"
+        checked.append(cast_checked(check_finite(tensor, label), dtype, label).to(device))
+    return tuple(checked)
+
+
+def sampling_options(options: dict) -> dict:
+    """Evaluation options with NumPy values accepted and checked before anything draws:
+    ``num_samples`` and ``max_pairs`` positive integers, ``seed`` an integer in
+    [0, 2**32 - 1] or ``None``, ``ks`` a sequence (list, tuple, array) of integers."""
+    from pyrovae.randomness import check_seed
+
+    options = dict(options)
+    if "num_samples" in options:
+        options["num_samples"] = positive_int(options["num_samples"], "num_samples (K)")
+    if "max_pairs" in options:
+        options["max_pairs"] = positive_int(options["max_pairs"], "max_pairs")
+    if options.get("seed") is not None:
+        options["seed"] = check_seed(options["seed"])
+    if "ks" in options:
+        options["ks"] = integer_tuple(options["ks"], "ks")
+    return options
+
+
+# --------------------------------------------------------------------------- users' models
+
+SUPPORT_CHECK_ROWS = 1024
+"""Data points per model call when :func:`check_observed_support` traces a model."""
+
+
+def check_observed_support(
+    model,
+    inputs: tuple,
+    data_plate: str = "data",
+    name: str = "data",
+    chunk_size: int = SUPPORT_CHECK_ROWS,
+) -> None:
+    """Run ``model(*inputs)`` once over all data points, ``chunk_size`` at a time, and check
+    the value of every observed site against its distribution's ``support``.
+
+    Pyro checks supports only while validation is on, which training enables for its first
+    step only, so values outside the support in any later minibatch would otherwise train
+    silently (a Poisson log-density of -1.5 is a finite number). Every random stream and
+    Pyro's parameter store are left as they were; sites whose support cannot be checked
+    (``constraints.dependent``) are skipped.
+
+    Raises
+    ------
+    ValueError
+        Naming the site, the distribution, its support, the number of entries outside it and
+        the first one (its data point and value).
+    """
+    size = inputs[0].shape[0]
+    devices = sorted({t.device.index or 0 for t in inputs if t.device.type == "cuda"})
+    store = pyro.get_param_store()
+    names_before = set(store.keys())
+    found: dict[str, list] = {}  # site -> [entries outside the support, first description]
+    with torch.random.fork_rng(devices=devices):
+        state = pyro.util.get_rng_state()
+        try:
+            with torch.no_grad(), pyro.validation_enabled(False):
+                for start in range(0, size, chunk_size):
+                    part = tuple(t[start : start + chunk_size] for t in inputs)
+                    trace = poutine.trace(model).get_trace(*part)
+                    for site in trace.nodes.values():
+                        if site["type"] == "sample" and site["is_observed"]:
+                            violation = _support_violation(site, start, data_plate)
+                            if violation is not None:
+                                entry = found.setdefault(site["name"], [0, violation[1]])
+                                entry[0] += violation[0]
+        finally:
+            pyro.util.set_rng_state(state)
+            for created in set(store.keys()) - names_before:
+                del store[created]
+    if found:
+        site, (count, (family, first)) = next(iter(found.items()))
+        others = ", ".join(map(repr, list(found)[1:]))
+        raise ValueError(
+            f"{name}: the value of the model's observed site {site!r} lies outside the "
+            f"support of its {family}: {count} entries, first {first}"
+            + (f" (also in site(s) {others})" if others else "")
+        )
+
+
+def _support_violation(site: dict, start: int, data_plate: str) -> tuple[int, str] | None:
+    """(entries outside the support, description of the first) of an observed site whose
+    data points are ``start, start + 1, ...``; ``None`` when all lie inside (or the support
+    cannot be checked)."""
+    fn, value = site["fn"], site["value"]
+    if not isinstance(value, torch.Tensor) or site.get("mask") is False:
+        return None
+    try:
+        base = fn.support
+    except NotImplementedError:
+        return None
+    while isinstance(base, constraints.independent):
+        base = base.base_constraint
+    if isinstance(base, constraints._Dependent):
+        return None
+    try:
+        ok = torch.as_tensor(base.check(value), device=value.device).bool()
+    except NotImplementedError:
+        return None
+    extra = ok.dim() - (value.dim() - getattr(fn, "event_dim", 0))  # event dims checked
+    mask = site.get("mask")
+    if isinstance(mask, torch.Tensor):
+        ok = ok | ~mask.reshape(mask.shape + (1,) * extra).bool()
+    if bool(ok.all()):
+        return None
+    bad = ~ok
+    index = _first(bad)
+    where = list(index)
+    for frame in site["cond_indep_stack"]:
+        axis = bad.dim() - extra + frame.dim
+        if frame.name == data_plate and 0 <= axis < bad.dim():
+            where[axis] += start  # the data point's index in all the data, not the chunk
+    where = where[0] if len(where) == 1 else tuple(where)
+    try:
+        shown = value.expand(bad.shape + value.shape[ok.dim() :])[index]
+        shown = float(shown) if shown.numel() == 1 else shown.tolist()
+    except (RuntimeError, IndexError):  # a value broadcast against the distribution
+        shown = "?"
+    family = fn
+    while isinstance(family, torch.distributions.Independent):
+        family = family.base_dist
+    description = (
+        f"{type(family).__name__} distribution ({base})",
+        f"at index {where} with value {shown!r}",
+    )
+    return int(bad.sum()), description
