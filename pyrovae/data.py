@@ -195,6 +195,8 @@ def _check_split(
 ) -> None:
     """Raise ValueError unless one split has the documented shapes and dtypes."""
     where = f"{dataset} {split} split"
+    if data.dim() >= 1 and data.shape[0] == 0:
+        raise ValueError(f"{where} is empty: it has no data points")
     if data.dtype != torch.float32 or data.dim() != 2 or data.shape[1] != num_features:
         raise ValueError(
             f"{where}: expected float32 of shape (N, {num_features}), "
@@ -396,8 +398,14 @@ def _as_labels(labels: np.ndarray | None) -> torch.Tensor | None:
     return None if labels is None else torch.from_numpy(np.asarray(labels).astype(np.int64))
 
 
-def _check_images(array: np.ndarray, rows: int | None, features: int, source: Path) -> None:
-    """Raise ValueError unless ``array`` holds ``rows`` images of ``features`` pixels."""
+def _check_images(
+    array: np.ndarray, rows: int | None, features: int, source: Path, split: str | None = None
+) -> None:
+    """Raise ValueError unless ``array`` holds ``rows`` images of ``features`` pixels (at
+    least one image when ``rows`` is None)."""
+    if array.ndim == 0 or array.shape[0] == 0:
+        part = f"the {split} split" if split else "the file"
+        raise ValueError(f"{source}: {part} holds no images (shape {array.shape})")
     flat_features = int(np.prod(array.shape[1:], dtype=np.int64)) if array.ndim > 1 else -1
     if flat_features != features or (rows is not None and array.shape[0] != rows):
         expected = f"({rows if rows is not None else 'N'}, {features})"
@@ -451,6 +459,12 @@ def load_binarized_mnist(
 def _binarized_from_npz(path: Path) -> DatasetSplits:
     """Build the binarized-MNIST splits from the ``.npz`` archive."""
     with np.load(path) as archive:
+        missing = [split for split in SPLIT_NAMES if split not in archive.files]
+        if missing:
+            raise ValueError(
+                f"{path}: no array named {', '.join(map(repr, missing))} (it holds "
+                f"{', '.join(map(repr, archive.files)) or 'nothing'}; expected train, valid, test)"
+            )
         arrays = {split: archive[split] for split in SPLIT_NAMES}
         labels = archive["test_labels"] if "test_labels" in archive.files else None
     return _binarized_splits(arrays, labels, path)
@@ -460,8 +474,8 @@ def _binarized_splits(
     arrays: dict[str, np.ndarray], test_labels: np.ndarray | None, source: Path
 ) -> DatasetSplits:
     """Wrap binarized-MNIST arrays into :class:`DatasetSplits`."""
-    for array in arrays.values():
-        _check_images(array, None, _MNIST_PIXELS, source)
+    for split, array in arrays.items():
+        _check_images(array, None, _MNIST_PIXELS, source, split)
     return DatasetSplits(
         name="binarized-mnist",
         train=_as_float(arrays["train"]),

@@ -294,6 +294,28 @@ def test_load_binarized_mnist_rejects_wrong_width(tmp_path):
         load_binarized_mnist(tmp_path, download=False)
 
 
+@pytest.mark.parametrize("shape", [(0, 784), (0, 28, 28)], ids=["flat", "images"])
+def test_empty_split_is_refused_naming_the_split(tmp_path, shape):
+    """An empty split used to fail inside numpy ("cannot reshape array of size 0 ...")."""
+    arrays = {split: random_bits(2, seed=i) for i, split in enumerate(data.SPLIT_NAMES)}
+    arrays["valid"] = np.zeros(shape, np.uint8)
+    np.savez(tmp_path / "binarized_mnist.npz", **arrays)
+    with pytest.raises(ValueError, match=r"binarized_mnist\.npz: the valid split holds no images"):
+        load_binarized_mnist(tmp_path, download=False)
+
+
+def test_npz_without_a_split_names_the_missing_array(tmp_path):
+    np.savez(tmp_path / "binarized_mnist.npz", train=random_bits(2, 0), test=random_bits(2, 1))
+    with pytest.raises(ValueError, match=r"no array named 'valid' \(it holds 'train', 'test'"):
+        load_binarized_mnist(tmp_path, download=False)
+
+
+def test_dataset_splits_refuse_an_empty_split():
+    digits = load_digits()
+    with pytest.raises(ValueError, match=r"digits test split is empty: it has no data points"):
+        dataclasses.replace(digits, test=digits.test[:0], test_labels=digits.test_labels[:0])
+
+
 # --------------------------------------------------------------------------- missing files
 
 
