@@ -37,8 +37,9 @@ def pareto_khat(log_weights: np.ndarray) -> np.ndarray:
     -------
     numpy.ndarray of shape (N,)
         Estimated shape k of the generalized Pareto tail of the weights. Below 0.5 the
-        weights have finite variance; above 0.7 the importance-sampled estimate is
-        unreliable (Vehtari et al., 2024).
+        weights have finite variance; above 0.5 they do not, and the standard error of a
+        plain importance-sampling estimate is meaningless; above min(1 - 1/log10 K, 0.7)
+        even the Pareto-smoothed estimate is unreliable (Vehtari et al., 2024).
     """
     log_weights = np.asarray(log_weights, dtype=np.float64)
     if log_weights.ndim != 2:

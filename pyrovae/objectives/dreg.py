@@ -16,8 +16,9 @@ class DReGIWAE(ParticleObjective):
 
     * model parameters theta: sum_k w~_k d/dtheta log w_k (the ordinary IWAE gradient);
     * guide parameters phi: sum_k w~_k^2 (d log w_k / d z_k) (d z_k / d phi), the path term
-      alone, weighted by the squared normalized weights; unbiased for the IWAE gradient and,
-      unlike it, its signal-to-noise ratio does not vanish as K grows.
+      alone, weighted by the squared normalized weights; unbiased for the IWAE gradient.
+      Empirically (Tucker et al.; ``experiments/gradient_snr.py``) its signal-to-noise ratio
+      does not fall with K as the IWAE guide gradient's does; that is not a derived property.
 
     Both come from one backward pass: the surrogate is sum_k sg(w~_k) log w_k with the score
     term removed, and a gradient hook multiplies the gradient reaching each draw z_k by
