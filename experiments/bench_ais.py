@@ -60,17 +60,28 @@ def make_model(args) -> tuple[VAE, torch.Tensor]:
 
 def run_ais(vae: VAE, x: torch.Tensor, args, seed: int) -> float:
     result = ais(
-        vae.model, vae.guide, x, num_steps=args.num_steps, num_chains=args.num_chains,
-        num_leapfrog=args.num_leapfrog, tuning_chains=args.tuning_chains,
-        max_pairs=args.max_pairs, seed=seed,
+        vae.model,
+        vae.guide,
+        x,
+        num_steps=args.num_steps,
+        num_chains=args.num_chains,
+        num_leapfrog=args.num_leapfrog,
+        tuning_chains=args.tuning_chains,
+        max_pairs=args.max_pairs,
+        seed=seed,
     )
     return float(result.log_px.mean())
 
 
 def run_importance(vae: VAE, x: torch.Tensor, args, seed: int) -> float:
     result = evaluate(
-        vae.model, vae.guide, x, num_samples=args.num_samples, max_pairs=args.max_pairs,
-        latent_diagnostics=False, seed=seed,
+        vae.model,
+        vae.guide,
+        x,
+        num_samples=args.num_samples,
+        max_pairs=args.max_pairs,
+        latent_diagnostics=False,
+        seed=seed,
     )
     return float(result.per_datapoint["log_px"].mean())
 
@@ -86,7 +97,7 @@ def gradient_evaluations(args) -> int:
 def timings(vae: VAE, x: torch.Tensor, args) -> tuple[dict, dict]:
     times = {name: [] for name in VARIANTS}
     estimates = {}
-    for name, function in VARIANTS.items():  # warm-up on two images
+    for function in VARIANTS.values():  # warm-up on two images
         function(vae, x[:2], args, seed=0)
     names = list(VARIANTS)
     for round_index in range(args.rounds):
@@ -148,7 +159,8 @@ def markdown(table_rows: list[dict], args) -> str:
         f"{args.rounds} rounds, {describe_hardware()}, torch {torch.__version__}, "
         f"pyro {pyro.__version__}",
         "",
-        "| variant | seconds (median) | min-max | throughput | per evaluation | mean log p_hat(x) |",
+        "| variant | seconds (median) | min-max | throughput | per evaluation "
+        "| mean log p_hat(x) |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in table_rows:

@@ -94,13 +94,20 @@ def test_ais_matches_exact_log_marginal(float64, start):
     x = model.sample_data(16, seed=DATA_SEED)
     # From the prior, max_pairs = 66 chains (64 + 2 tuning) x 8 points: two blocks.
     result = ais(
-        model, guide, x, num_steps=50, num_chains=64, num_leapfrog=5, start=start,
-        max_pairs=66 * (8 if start == "prior" else 16), seed=1,
+        model,
+        guide,
+        x,
+        num_steps=50,
+        num_chains=64,
+        num_leapfrog=5,
+        start=start,
+        max_pairs=66 * (8 if start == "prior" else 16),
+        seed=1,
     )
     assert_matches_exact(result, np64(model.log_marginal(x)))
     for name, values in result.per_datapoint.items():
         assert values.shape == (16,) and values.dtype == np.float64, name
-    assert np.all((result.per_datapoint["acceptance"] > 0.3))
+    assert np.all(result.per_datapoint["acceptance"] > 0.3)
     assert result.num_steps == 50 and result.settings["start"] == start
     assert "stochastic lower bound" in result.table()
 
@@ -116,8 +123,15 @@ def test_bdmc_sandwiches_exact_log_marginal_and_narrows(float64):
     widths = {}
     for steps in (10, 100):
         result = bdmc(
-            model, None, x, posterior_sample=exact_draws, num_steps=steps, num_chains=8,
-            num_leapfrog=5, start="prior", seed=3,
+            model,
+            None,
+            x,
+            posterior_sample=exact_draws,
+            num_steps=steps,
+            num_chains=8,
+            num_leapfrog=5,
+            start="prior",
+            seed=3,
         )
         lower, upper = result.per_datapoint["lower"] - exact, result.per_datapoint["upper"] - exact
         assert lower.mean() <= NUM_SE * lower.std(ddof=1) / math.sqrt(64), steps
@@ -186,7 +200,8 @@ def test_hmc_leaves_exact_posterior_invariant(float64):
 
 
 def gamma_poisson_normal(counts, values):
-    """rate ~ Gamma(ALPHA, BETA)^3, counts ~ Poisson(rate); loc ~ N(0, 1)^2, values ~ N(loc, NOISE)."""
+    """rate ~ Gamma(ALPHA, BETA)^3, counts ~ Poisson(rate); loc ~ N(0, 1)^2 and
+    values ~ N(loc, NOISE^2)."""
     with pyro.plate("data", counts.shape[0]):
         prior = dist.Gamma(counts.new_full((3,), ALPHA), counts.new_full((3,), BETA))
         rate = pyro.sample("rate", prior.to_event(1))
@@ -223,8 +238,14 @@ def test_ais_matches_exact_log_marginal_of_user_model_with_two_sites(float64):
     torch.manual_seed(0)
     guide = AmortizedGuide(gamma_poisson_normal, counts[:4], values[:4], hidden_sizes=(16,))
     result = ais(
-        gamma_poisson_normal, guide, counts, values, num_steps=100, num_chains=64,
-        num_leapfrog=3, seed=2,
+        gamma_poisson_normal,
+        guide,
+        counts,
+        values,
+        num_steps=100,
+        num_chains=64,
+        num_leapfrog=3,
+        seed=2,
     )
     assert_matches_exact(result, exact_log_marginal(counts, values))
 
@@ -253,8 +274,9 @@ def test_hmc_leaves_exact_posterior_invariant_on_positive_site(float64):
 
 @pytest.mark.parametrize("options", [{}, {"top_latent_dim": 2, "top_hidden_sizes": (8,)}])
 def test_ais_and_bdmc_run_on_the_builtin_vae(options, tmp_path):
-    vae = VAE(num_features=12, latent_dim=2, hidden_sizes=(8,), likelihood="bernoulli", seed=0,
-              **options)
+    vae = VAE(
+        num_features=12, latent_dim=2, hidden_sizes=(8,), likelihood="bernoulli", seed=0, **options
+    )
     x = (torch.rand(10, 12, generator=torch.Generator().manual_seed(0)) < 0.3).float()
     settings = dict(num_steps=20, num_chains=4, num_leapfrog=3, seed=0)
     result = ais(vae.model, vae.guide, x, **settings)
@@ -263,7 +285,9 @@ def test_ais_and_bdmc_run_on_the_builtin_vae(options, tmp_path):
     for name, values in result.per_datapoint.items():
         assert values.shape == (10,) and values.dtype == np.float64, name
         assert np.all(np.isfinite(values)), name
-    assert np.all((result.per_datapoint["acceptance"] >= 0) & (result.per_datapoint["acceptance"] <= 1))
+    assert np.all(
+        (result.per_datapoint["acceptance"] >= 0) & (result.per_datapoint["acceptance"] <= 1)
+    )
     assert result.to_csv(tmp_path / "ais.csv").read_text().startswith("data_point,log_px")
     untuned = ais(vae.model, vae.guide, x, tuning_chains=0, **settings)
     assert np.all(np.isfinite(untuned.log_px))

@@ -31,7 +31,9 @@ flattened into one vector of D coordinates. Densities come from tracing the mode
 guide conditioned on the latent values under a vectorized plate over chains (the same
 per-datapoint reduction as :mod:`pyrovae.evaluation.traces`), gradients from
 :func:`torch.autograd.grad` over the whole (chains, points, D) batch. Data points are
-processed in chunks of at most ``max_pairs`` (chain, data point) pairs.
+processed in chunks of at most ``max_pairs`` (chain, data point) pairs, in one process
+(unlike :func:`pyrovae.evaluation.importance.evaluate`, the blocks are not sharded under
+:mod:`torch.distributed`).
 
 Step-size adaptation. The leapfrog step size of each data point (shared by its chains)
 starts at ``step_size`` and is updated after every transition,
@@ -314,7 +316,11 @@ class AnnealingTarget:
             grad_joint = _gradient(log_joint + log_det, u, retain=True)
             grad_ref = _gradient(log_ref + log_det, u, retain=False)
         return PathState(
-            u.detach(), log_joint.detach(), log_ref.detach(), _detach(log_det, u), grad_joint,
+            u.detach(),
+            log_joint.detach(),
+            log_ref.detach(),
+            _detach(log_det, u),
+            grad_joint,
             grad_ref,
         )
 
@@ -793,8 +799,13 @@ def ais(
         num_leapfrog, step_size, target_accept, adapt_rate, tuning_chains, adapt_step_size
     )
     options = dict(
-        num_steps=num_steps, num_chains=num_chains, hmc=hmc, schedule=schedule, start=start,
-        data_plate=data_plate, max_pairs=max_pairs,
+        num_steps=num_steps,
+        num_chains=num_chains,
+        hmc=hmc,
+        schedule=schedule,
+        start=start,
+        data_plate=data_plate,
+        max_pairs=max_pairs,
     )
     plan = _make_plan(model, guide, args, kwargs, options)
 
@@ -901,8 +912,13 @@ def bdmc(
         num_leapfrog, step_size, target_accept, adapt_rate, tuning_chains, adapt_step_size
     )
     options = dict(
-        num_steps=num_steps, num_chains=num_chains, hmc=hmc, schedule=schedule, start=start,
-        data_plate=data_plate, max_pairs=max_pairs,
+        num_steps=num_steps,
+        num_chains=num_chains,
+        hmc=hmc,
+        schedule=schedule,
+        start=start,
+        data_plate=data_plate,
+        max_pairs=max_pairs,
     )
     plan = _make_plan(model, guide, args, kwargs, options)
 
