@@ -161,3 +161,7 @@ def test_tutorial_pages_show_their_script_and_output(site, name):
     output = (DOCS / "tutorials" / f"{name}.output.txt").read_text().strip().splitlines()
     assert " ".join(output[0].split()) in shown
     assert " ".join(output[-1].split()) in shown
+    # Numbers quoted from the output are marked [0.104]{.printed} (tests/test_tutorials.py
+    # checks them); the marker renders as a span, never as literal text.
+    assert '<span class="printed">' in markup
+    assert "{.printed}" not in shown
