@@ -209,7 +209,7 @@ class TrainConfig(_DictConfig):
     device : str
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     progress : bool
-        Show a progress bar per epoch.
+        Print one line per epoch, and a progress bar per epoch when stderr is a terminal.
     checkpoint_every : int
         With a checkpoint path, write a checkpoint every this many epochs (and at the end).
     on_nonfinite : str
@@ -222,10 +222,12 @@ class TrainConfig(_DictConfig):
     max_rollbacks : int
         Rollbacks allowed over the whole fit before giving up with the error.
     compile : str
-        ``"none"`` (eager Pyro), ``"graph"`` (trace the loss and gradients once per batch
-        shape into an ATen graph and replay it; Pyro's ELBOs are replaced by their
-        equal-valued traceable equivalents) or ``"inductor"`` (also ``torch.compile`` it).
-        See :mod:`pyrovae.compiled`.
+        ``"auto"`` (default: ``"graph"`` when the model and guide trace, checked on two
+        minibatches before training, else ``"none"`` with a one-line warning), ``"none"``
+        (eager Pyro), ``"graph"`` (trace the loss and gradients once per batch shape into an
+        ATen graph and replay it; Pyro's ELBOs are replaced by their equal-valued traceable
+        equivalents) or ``"inductor"`` (also ``torch.compile`` it). See
+        :mod:`pyrovae.compiled`.
     renyi_alpha : float
         Order alpha of the ``"renyi"`` objective.
     beta, kl_warmup_epochs, free_bits : float, int, float
@@ -254,7 +256,7 @@ class TrainConfig(_DictConfig):
     on_nonfinite: str = "raise"
     rollback_factor: float = 0.5
     max_rollbacks: int = 3
-    compile: str = "none"
+    compile: str = "auto"
     renyi_alpha: float = 0.5
     beta: float = 1.0
     kl_warmup_epochs: int = 0
@@ -288,7 +290,7 @@ class TrainConfig(_DictConfig):
         if not 0 < self.rollback_factor < 1:
             raise ValueError(f"rollback_factor must lie in (0, 1), got {self.rollback_factor!r}")
         _require_positive_int("max_rollbacks", self.max_rollbacks)
-        _require_choice("compile", self.compile, ("none", "graph", "inductor"))
+        _require_choice("compile", self.compile, ("auto", "none", "graph", "inductor"))
         _require_choice("lr_schedule", self.lr_schedule, ("constant", "plateau"))
         if not 0 < self.lr_decay < 1:
             raise ValueError(f"lr_decay must lie in (0, 1), got {self.lr_decay!r}")

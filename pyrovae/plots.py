@@ -60,15 +60,20 @@ def save_image_grid(
     num_columns: int | None = None,
     scale: int = 4,
 ) -> Path:
-    """Write :func:`image_grid` as a PNG: dark strokes on white, ``scale`` times enlarged.
+    """Write :func:`image_grid` as an image: dark strokes on white, ``scale`` times enlarged.
 
+    The format follows the suffix of ``path`` (``.png``, ``.pdf``, ... as Matplotlib writes
+    them); a path without such a suffix gets ``.png`` added, as :func:`save_figure` does.
     Returns the path written.
     """
     import matplotlib.image
+    from matplotlib.backend_bases import FigureCanvasBase
 
     grid = image_grid(images, image_shape, num_columns)
     enlarged = np.kron(grid, np.ones((scale, scale)))
     path = Path(path)
+    if path.suffix.lower().lstrip(".") not in FigureCanvasBase.get_supported_filetypes():
+        path = path.with_name(f"{path.name}.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     matplotlib.image.imsave(path, 1.0 - enlarged, cmap="gray", vmin=0.0, vmax=1.0)
     return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -148,14 +149,8 @@ def fit(
     if validation is not None:
         validation = tuple(t.to(device=device, dtype=dtype) for t in validation)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    compiled = config.compile != "none"
-    objective = make_objective(
-        config.objective, config.num_particles, traceable=compiled, **config.objective_options()
-    )
-    loss_module = objective(vae.model, vae.guide)
-    if compiled:
-        loss_module = CompiledStep(loss_module, backend=config.compile)
-    elif parallel is not None:
+    objective, loss_module, vae.training_path_ = _loss_module(vae, config, train, parallel)
+    if not isinstance(loss_module, CompiledStep) and parallel is not None:
         loss_module = _distributed_module(loss_module, device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
     history = History()
@@ -207,6 +202,117 @@ def fit(
     if parallel is not None:
         parallel.barrier()  # the last checkpoint is written before any rank returns
     return history
+
+
+def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
+    """The objective, the loss module a step calls, and the path taken (``"eager"``,
+    ``"graph"`` or ``"inductor"``).
+
+    ``compile="auto"`` takes the graph path when the model and guide trace: the compiled
+    step is traced on one minibatch, then checked on another against the eager objective
+    (with Pyro's validation on, which the eager path runs on its first step): same loss and
+    gradients up to rounding. Where tracing fails, the objective does not run eagerly, or the
+    numbers differ (e.g. Python control flow on data values, frozen at trace time), it warns
+    in one line and takes the eager path, as ``compile="none"`` does."""
+    options = config.objective_options()
+    mode = config.compile
+    if mode == "auto":
+        objective = make_objective(
+            config.objective, config.num_particles, traceable=True, **options
+        )
+        eager = objective(vae.model, vae.guide)
+        step = CompiledStep(eager, backend="graph")
+        problem = _trace_problem(step, eager, train, config, parallel)
+        if problem is None:
+            return objective, step, "graph"
+        warnings.warn(
+            f"compile='auto': {problem}; training with eager Pyro instead (compile='none' "
+            "skips this check)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        mode = "none"
+    compiled = mode != "none"
+    objective = make_objective(
+        config.objective, config.num_particles, traceable=compiled, **options
+    )
+    loss_module = objective(vae.model, vae.guide)
+    if compiled:
+        return objective, CompiledStep(loss_module, backend=mode), mode
+    return objective, loss_module, "eager"
+
+
+def _trace_problem(step, eager, train: tuple, config: TrainConfig, parallel) -> str | None:
+    """Why ``step`` cannot replace ``eager`` for this training run, or ``None`` when it can.
+
+    Traces on the first minibatch-sized slice of the training data and compares on the last
+    (another one), both binarized as training does, each from the same seed; all random
+    streams and gradients are left as they were."""
+    size = train[0].shape[0]
+    rows = config.batch_size
+    if parallel is not None:  # each rank steps on its shard of a minibatch
+        shard = parallel.shard(rows)
+        rows = max(1, shard.stop - shard.start)
+    first = tuple(t[:rows].clone() for t in train)
+    last = tuple(
+        (t[size - rows :] if size >= 2 * rows else t.flip(0)[:rows]).clone() for t in train
+    )
+    if config.binarize == "dynamic":
+        draws = torch.Generator(device=train[0].device).manual_seed(config.seed)
+        first = (binarize(first[0], generator=draws), *first[1:])
+        last = (binarize(last[0], generator=draws), *last[1:])
+    parameters = [p for _, p in eager.named_parameters()]
+    in_graph = parallel is None
+    devices = [train[0].device] if train[0].device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            try:
+                _compiled_gradients(step, parameters, first, config.clip_norm, in_graph)
+            except Exception as error:  # noqa: BLE001 - any failure to trace means eager
+                reason = _first_line(error)
+                return f"the compiled step cannot run this model and guide ({reason})"
+            torch.manual_seed(config.seed)
+            loss, grads = _compiled_gradients(step, parameters, last, config.clip_norm, in_graph)
+            torch.manual_seed(config.seed)
+            try:
+                with pyro.validation_enabled(True):
+                    expected = eager(*last) / rows
+                expected_grads = torch.autograd.grad(expected, parameters, allow_unused=True)
+            except Exception as error:  # noqa: BLE001 - the eager path reports it on step 1
+                return f"the traceable objective fails eagerly ({_first_line(error)})"
+            expected_grads = [
+                torch.zeros_like(p) if g is None else g
+                for p, g in zip(parameters, expected_grads, strict=True)
+            ]
+            if in_graph and config.clip_norm is not None:
+                norm = torch.nn.utils.get_total_norm(expected_grads)
+                factor = torch.clamp(config.clip_norm / (norm + 1e-6), max=1.0)
+                expected_grads = [g * factor for g in expected_grads]
+            pairs = [(loss, expected.detach()), *zip(grads, expected_grads, strict=True)]
+            if not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in pairs):
+                return (
+                    "the traced graph's loss or gradients differ from the eager objective's "
+                    "on another minibatch (control flow on data values?)"
+                )
+    finally:
+        for parameter in parameters:
+            parameter.grad = None
+    return None
+
+
+def _compiled_gradients(step, parameters: list, batch: tuple, clip_norm, in_graph: bool):
+    """Loss and (copies of the) gradients of one compiled step, as training takes them."""
+    if in_graph:
+        loss, _ = step.loss_and_norm(*batch, clip_norm=clip_norm)
+    else:
+        loss = step(*batch)
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in parameters]
+    return loss, grads
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _check_shardable(size: int, batch_size: int, world_size: int) -> None:
@@ -363,6 +469,7 @@ def _train_epoch(
     grad_norms = torch.zeros(len(batches), device=device)
     check_each_step = device.type == "cpu"  # free on the CPU; on a GPU, once per epoch
     show = config.progress and (parallel is None or parallel.is_main)
+    show = show and sys.stderr.isatty()  # a bar in a log file is only redraw noise
     bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", disable=not show, leave=False)
     for step, index in enumerate(bar):
         losses[step], grad_norms[step] = train_step(
