@@ -21,6 +21,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from pyrovae.checkpoint import check_output_paths
 from pyrovae.compiled import CompiledStep
 from pyrovae.config import TrainConfig
 from pyrovae.data import binarize
@@ -66,9 +67,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``"auto"`` gives CUDA when available, else CPU; other names are checked and returned."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    device = torch.device(name)  # RuntimeError for a name torch does not know
+    if device.type not in ("cpu", "cuda"):  # e.g. 'meta' would discard every parameter value
+        raise ValueError(f"unsupported device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+            "device(s)"
+        )
     return device
 
 
@@ -128,6 +136,11 @@ def fit(
     if validation is not None:
         validation = vae.training_inputs(validation, config, "validation data")
     vae.prepare_parameters(*train)
+    if next(vae.parameters(), None) is None:
+        raise ValueError(
+            "the model and guide have no parameters to fit: add pyro.param / nn.Parameter "
+            "statements, or evaluate the pair directly with evaluate()"
+        )
     if config.batch_size > train[0].shape[0]:
         raise ValueError(
             f"batch_size={config.batch_size} exceeds the {train[0].shape[0]} training data points"
@@ -138,13 +151,15 @@ def fit(
         raise ValueError(
             "lr_schedule='plateau' and best_path follow the validation ELBO: pass validation data"
         )
+    check_output_paths(checkpoint_path, best_path)
     saved = _read_resume_checkpoint(vae, config, checkpoint_path, parallel) if resume else None
+    written = None if saved is None else int(saved["training_state"]["epoch"])
 
     pyro.set_rng_seed(config.seed if parallel is None else parallel.seed_for_rank(config.seed))
     vae.to(device)
     if parallel is not None:
         parallel.broadcast_(vae)
-    dtype = next(vae.parameters()).dtype
+    dtype = vae.dtype
     train = tuple(t.to(device=device, dtype=dtype) for t in train)
     if validation is not None:
         validation = tuple(t.to(device=device, dtype=dtype) for t in validation)
@@ -176,7 +191,7 @@ def fit(
             )
         except NonFiniteTrainingError as error:
             if snapshot is None or rollbacks >= config.max_rollbacks:
-                raise _explain(error, config, checkpoint_path, rollbacks) from None
+                raise _explain(error, config, checkpoint_path, rollbacks, written) from None
             rollbacks += 1
             _roll_back(vae, optimizer, generator, snapshot, config.rollback_factor, error)
             continue
@@ -198,6 +213,7 @@ def fit(
             vae.save(best_path)
         if checkpoint_path is not None and (epoch % config.checkpoint_every == 0 or last):
             _save_checkpoint(vae, checkpoint_path, epoch, generator, parallel, schedule)
+            written = epoch
         epoch += 1
     if parallel is not None:
         parallel.barrier()  # the last checkpoint is written before any rank returns
@@ -430,10 +446,17 @@ def _roll_back(vae, optimizer, generator, snapshot: dict, factor: float, error) 
     )
 
 
-def _explain(error: NonFiniteTrainingError, config, checkpoint_path, rollbacks: int):
-    kept = (
-        f"The last checkpoint {checkpoint_path} is intact. " if checkpoint_path is not None else ""
-    )
+def _explain(
+    error: NonFiniteTrainingError, config, checkpoint_path, rollbacks: int, written: int | None
+):
+    """The error with advice; ``written``: epoch of the last checkpoint this run wrote (or
+    resumed from), ``None`` when there is none."""
+    if checkpoint_path is None:
+        kept = ""
+    elif written is None:
+        kept = f"No checkpoint was written before the failure ({checkpoint_path} untouched). "
+    else:
+        kept = f"The last checkpoint {checkpoint_path} is intact (epoch {written}). "
     if config.on_nonfinite == "rollback":
         advice = f"Gave up after {rollbacks} rollbacks; lower learning_rate or set clip_norm."
     else:

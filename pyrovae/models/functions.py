@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pyro
 import torch
 from pyro.distributions import constraints
 from pyro.poutine.messenger import Messenger
@@ -108,6 +109,13 @@ class ParamRegistry(nn.Module):
         if pending is not None:
             self.register_parameter(_encode(name), nn.Parameter(pending.clone()))
             return
+        store = pyro.get_param_store()
+        if init is None and name in store._params:
+            # A PyroParam of a PyroModule on Pyro's global store: the module put its own
+            # unconstrained parameter there just before this statement; adopt that tensor.
+            self.constraints_[name] = store._constraints[name]
+            self.adopt(name, store._params[name])
+            return
         if init is None:
             raise KeyError(
                 f"pyro.param({name!r}) has no initial value and no earlier statement created "
@@ -175,7 +183,7 @@ class RegistryParams(Messenger):
             msg["value"] = unconstrained_handle(value)
 
 
-class PyroFunction(LocalParamsModule):
+class PyroFunction(nn.Module):
     """A function-style Pyro model or guide as a module owning all its parameters.
 
     Parameters
@@ -184,7 +192,8 @@ class PyroFunction(LocalParamsModule):
         The model or guide: a function, a bound method, or a module (a ``PyroModule`` that
         uses Pyro's global parameter store, a plain ``nn.Module`` calling ``pyro.module``).
         A bound method's object, when it is an ``nn.Module``, becomes a submodule, so all
-        its parameters are trained.
+        its parameters are trained. The program runs in the caller's Pyro settings (its
+        ``PyroModule`` s keep the parameter mode they were built in).
     registry : ParamRegistry
         Where the ``pyro.param`` parameters live; share one between a model and its guide.
     register : bool

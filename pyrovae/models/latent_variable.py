@@ -30,7 +30,12 @@ from pyrovae.evaluation.importance import evaluate
 from pyrovae.evaluation.traces import particle_terms
 from pyrovae.models.functions import ParamRegistry, PyroFunction, as_pyro_modules
 from pyrovae.training import History, fit
-from pyrovae.validation import as_data_tensor
+from pyrovae.validation import (
+    as_data_tensor,
+    check_observed_support,
+    finite_inputs,
+    sampling_options,
+)
 
 
 class LatentVariableModel(nn.Module):
@@ -111,7 +116,8 @@ class LatentVariableModel(nn.Module):
             finally:
                 pyro.util.set_rng_state(state)
         owned = {id(p) for p in self.parameters()}
-        stray = [name for name, tensor in used.items() if id(tensor) not in owned]
+        used = {name: tensor for name, tensor in used.items() if id(tensor) not in owned}
+        stray = [name for name in used if not name.startswith("<")]
         if stray:
             raise ValueError(
                 f"parameter(s) {', '.join(map(repr, stray))} of the model or guide are not "
@@ -119,19 +125,36 @@ class LatentVariableModel(nn.Module):
                 "module attributes (nn.Parameter / PyroParam), or write the program as a "
                 "function with pyro.param / pyro.module and pass the function"
             )
+        hidden = [tuple(t.shape) for name, t in used.items() if name.startswith("<")]
+        if hidden:
+            raise ValueError(
+                f"tensor(s) of shape {', '.join(map(str, hidden))} require gradients and take "
+                "part in log p(x, z) or log q(z | x), but no param statement names them, so no "
+                "optimizer would train them: call a PyroModule (module(...)) instead of reading "
+                "its attributes from outside, register a plain nn.Module with pyro.module, or "
+                "detach tensors that are meant to stay fixed"
+            )
 
     def _parameters_used(self, probe: tuple) -> dict[str, torch.Tensor]:
-        """Trainable tensor behind every ``param`` site of one guide + model call."""
+        """Trainable tensor behind every ``param`` site of one guide + model call, and
+        (named ``"<leaf i>"``) every other tensor requiring gradients that the log joint
+        log p(x, z) - log q(z | x) depends on."""
         from pyrovae.models.base import unconstrained_parameter
 
-        with poutine.trace(param_only=True) as params, torch.no_grad():
+        with poutine.trace(param_only=True) as params:
             guide_trace = poutine.trace(self.guide).get_trace(*probe)
-            poutine.replay(self.model, trace=guide_trace)(*probe)
+            replayed = poutine.replay(self.model, trace=guide_trace)
+            model_trace = poutine.trace(replayed).get_trace(*probe)
         used = {}
         for name, site in params.trace.nodes.items():
             tensor = unconstrained_parameter(site["value"])
             if tensor is not None and tensor.requires_grad:
                 used[name] = tensor
+        named = {id(t) for t in used.values()}
+        joint = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+        for i, leaf in enumerate(_autograd_leaves(joint)):
+            if id(leaf) not in named:
+                used[f"<leaf {i}>"] = leaf
         return used
 
     # -- data --------------------------------------------------------------------------
@@ -147,10 +170,9 @@ class LatentVariableModel(nn.Module):
             raise ValueError(
                 f"{name}: every input needs the same non-zero number of rows, got shapes {shapes}"
             )
-        for i, tensor in enumerate(tensors):
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{name} argument {i} contains NaN or infinite values")
-        return tuple(t.to(device=self.device, dtype=self.dtype) for t in tensors)
+        tensors = finite_inputs(tensors, self.dtype, self.device, name)
+        check_observed_support(self.model, tensors, self.data_plate, name)  # all data points
+        return tensors
 
     def training_inputs(self, data, config: TrainConfig, name: str) -> tuple[torch.Tensor, ...]:
         """Inputs for :func:`pyrovae.training.fit`; ``data`` is a tensor or a tuple of them."""
@@ -205,6 +227,8 @@ class LatentVariableModel(nn.Module):
         max_pairs: int = 2**20,
     ) -> torch.Tensor:
         """Per-datapoint ELBO (nats, float64, shape (N,)) of already validated inputs."""
+        checked = sampling_options(dict(num_samples=num_samples, seed=seed, max_pairs=max_pairs))
+        num_samples, seed, max_pairs = (checked[k] for k in ("num_samples", "seed", "max_pairs"))
         if seed is not None:
             pyro.set_rng_seed(seed)
         terms = particle_terms(
@@ -220,6 +244,7 @@ class LatentVariableModel(nn.Module):
 
     def evaluate_of(self, inputs: tuple, **options):
         """:func:`pyrovae.evaluation.importance.evaluate` of already validated inputs."""
+        options = sampling_options(options)  # NumPy values accepted, checked before drawing
         return evaluate(self.model, self.guide, *inputs, data_plate=self.data_plate, **options)
 
     def elbo(
@@ -311,6 +336,7 @@ class LatentVariableModel(nn.Module):
         guide,
         data_plate: str = "data",
         device: str | torch.device = "cpu",
+        allow_nonfinite: bool = False,
     ) -> LatentVariableModel:
         """A model saved by :meth:`save`, rebuilt around your ``model`` and ``guide`` code.
 
@@ -326,7 +352,8 @@ class LatentVariableModel(nn.Module):
         """
         from pyrovae.training import resolve_device
 
-        return cls(model, guide, data_plate).to(resolve_device(device)).load_state(path)
+        model = cls(model, guide, data_plate).to(resolve_device(device))
+        return model.load_state(path, allow_nonfinite=allow_nonfinite)
 
     def check_resumable(self, payload: dict, path) -> None:
         """Raise unless ``payload``'s parameters fit this model exactly (names and shapes)."""
@@ -338,9 +365,10 @@ class LatentVariableModel(nn.Module):
         if saved != mine:
             raise ValueError(f"cannot resume: the parameters in {path} do not match this model")
 
-    def load_state(self, path: str | Path) -> LatentVariableModel:
-        """Load parameters, history and settings saved by :meth:`save` into this model."""
-        payload = read_checkpoint(path, device=self.device)
+    def load_state(self, path: str | Path, allow_nonfinite: bool = False) -> LatentVariableModel:
+        """Load parameters, history and settings saved by :meth:`save` into this model
+        (NaN or infinite parameters are refused unless ``allow_nonfinite``)."""
+        payload = read_checkpoint(path, device=self.device, allow_nonfinite=allow_nonfinite)
         try:
             self.check_resumable(payload, path)
             self.load_state_dict(payload["model_state"])
@@ -368,3 +396,17 @@ class LatentVariableModel(nn.Module):
 
 def _cuda_devices(tensors: tuple) -> list[int]:
     return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+def _autograd_leaves(output: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors (requiring gradients) that ``output`` was computed from."""
+    leaves, seen, stack = [], set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(parent for parent, _ in node.next_functions)
+    return leaves
