@@ -22,7 +22,9 @@ class AnnealedMeanFieldELBO(ParticleObjective):
     free_bits : float
         Free bits lambda (Kingma et al., 2016), in nats per latent dimension: the KL term is
         sum_d max(lambda, mean over the minibatch of KL_d), so dimensions whose average KL is
-        below lambda are not pushed further towards the prior. 0 disables it.
+        below lambda are not pushed further towards the prior. 0 disables it. The term is
+        the same for every data point of the minibatch, so with beta = 1 the objective is
+        a bound for the minibatch average, not for each point.
     """
 
     def __init__(
