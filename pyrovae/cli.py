@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import io
 import json
 import os
 import random
@@ -1554,6 +1555,8 @@ def main(argv: list[str] | None = None) -> int:
     explicit = set(vars(build_parser(track_explicit=True).parse_args(argv)))
     threads = torch.get_num_threads()
     joined = args.command in PARALLEL_COMMANDS and active_context() is None
+    with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+        sys.stdout.reconfigure(line_buffering=True)  # a log file gets each line as it happens
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
