@@ -34,7 +34,7 @@ import torch
 from pyro import poutine
 from torch.distributions import Independent, Normal
 
-from pyrovae.evaluation.importance import _data_tensors, data_fingerprint, evaluate
+from pyrovae.evaluation.importance import data_fingerprint, evaluate, per_point_tensors
 from pyrovae.evaluation.traces import (
     _batched_length,
     _sample_sites,
@@ -450,7 +450,7 @@ def gap_decomposition(
     if seed is not None:
         pyro.set_rng_seed(seed)
     length = _batched_length(args, kwargs)
-    fingerprint = data_fingerprint(*_data_tensors(args, kwargs, length))
+    fingerprint = data_fingerprint(*per_point_tensors(args, kwargs, length))
     amortized = evaluate(
         model, guide, *args, num_samples=num_samples, ks=(1,), data_plate=data_plate,
         max_pairs=max_pairs, seed=seed, latent_diagnostics=False, **kwargs,

@@ -114,6 +114,9 @@ class EvaluationResult:
     pairs_per_pass : int or None
         (draw, data point) pairs traced at once: the blocks hold ``pairs_per_pass // K``
         points; pass it as ``max_pairs`` to reproduce the draws elsewhere.
+    float64_points : numpy.ndarray of bool or None
+        Per data point: computed from a float64 copy of the model and guide because float32
+        rounding could not resolve the spread of the log weights in its block.
     """
 
     per_datapoint: dict[str, np.ndarray]
@@ -123,6 +126,7 @@ class EvaluationResult:
     dropped_ks: tuple[int, ...] = ()
     data_fingerprint: str | None = None
     pairs_per_pass: int | None = None
+    float64_points: np.ndarray | None = None
 
     BOUNDS = ("elbo", "elbo_analytic")
 
@@ -186,12 +190,12 @@ class EvaluationResult:
                 f"IWAE_k for k = {dropped} not computed: k must be at most K = "
                 f"{self.num_samples} (raise the number of draws to get it)"
             )
-        recomputed = int(self.per_datapoint.get("float64", np.zeros(0)).sum())
+        recomputed = 0 if self.float64_points is None else int(self.float64_points.sum())
         if recomputed:
             notes.append(
-                f"{recomputed} of {self.num_points} data points had float32 log weights too "
-                "large for float32 rounding to resolve their spread; they were recomputed "
-                "from a float64 copy of the model and guide"
+                f"{recomputed} of {self.num_points} data points were recomputed from a float64 "
+                "copy of the model and guide: float32 rounding of their log weights (or of "
+                "others in their block) was not small against the spread of the weights"
             )
         return [note for note in notes if note]
 
@@ -207,6 +211,9 @@ class EvaluationResult:
             "dropped_ks": list(self.dropped_ks),
             "data_fingerprint": self.data_fingerprint,
             "pairs_per_pass": self.pairs_per_pass,
+            "float64_points": (
+                None if self.float64_points is None else self.float64_points.tolist()
+            ),
             "latent": {
                 site: {
                     "kl_per_dim": None if use.kl_per_dim is None else use.kl_per_dim.tolist(),
@@ -454,12 +461,13 @@ def evaluate(
     if parallel is not None:
         columns = _gather_columns(columns, parallel)
     per_datapoint = {name: np.concatenate(parts) for name, parts in columns.items()}
+    float64_points = per_datapoint.pop("float64") > 0
     latent = (
         latent_use(model, guide, *args, max_pairs=pairs, **kwargs) if latent_diagnostics else {}
     )
-    fingerprint = data_fingerprint(*_data_tensors(args, kwargs, length))
+    fingerprint = data_fingerprint(*per_point_tensors(args, kwargs, length))
     return EvaluationResult(
-        per_datapoint, num_samples, ks, latent, dropped_ks, fingerprint, pairs_per_pass=pairs
+        per_datapoint, num_samples, ks, latent, dropped_ks, fingerprint, pairs, float64_points
     )
 
 
@@ -722,9 +730,12 @@ def _device_of(args: tuple, kwargs: dict) -> torch.device:
 # --------------------------------------------------------------------------- data identity
 
 
-def _data_tensors(args: tuple, kwargs: dict, length: int) -> list[torch.Tensor]:
-    """The per-datapoint tensors (first axis of length N): positional, then by keyword."""
-    values = [*args, *(kwargs[name] for name in sorted(kwargs))]
+def per_point_tensors(
+    args: tuple, kwargs: dict, length: int, data_kwargs: Sequence[str] = ()
+) -> list[torch.Tensor]:
+    """The per-datapoint tensors (first axis of length N): the positional ones, then the
+    keyword ones named in ``data_kwargs`` (the data convention of evaluation's chunking)."""
+    values = [*args, *(kwargs[name] for name in data_kwargs if name in kwargs)]
     return [
         v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == length
     ]
