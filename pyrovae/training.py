@@ -232,6 +232,12 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
     in one line and takes the eager path, as ``compile="none"`` does."""
     options = config.objective_options()
     mode = config.compile
+    obstacle = vae.compile_obstacle()
+    if obstacle is not None and mode in ("graph", "inductor"):
+        raise ValueError(f"compile={mode!r}: {obstacle}")
+    if obstacle is not None:  # auto
+        warnings.warn(f"compile='auto': {obstacle}; training with eager Pyro", RuntimeWarning)
+        mode = "none"
     if mode == "auto":
         objective = make_objective(
             config.objective, config.num_particles, traceable=True, **options

@@ -375,3 +375,27 @@ def test_function_ppca_fit_reaches_the_closed_form_maximum_likelihood(float64, d
     sigma = params.parameter("sigma").detach().exp()
     estimate = held_out(params.parameter("mean").detach(), params.parameter("W").detach(), sigma**2)
     assert abs(estimate - maximum_likelihood) < 0.5, (estimate, maximum_likelihood)
+
+
+def test_compiled_training_refuses_modules_captured_from_outside():
+    """A compiled step substitutes the module tree's parameters; a module the function
+    reaches from its enclosing scope would keep its own tensors and get no gradient."""
+    program = FactorAnalysis()
+    fitted = LatentVariableModel(program.model, program.guide)
+    with pytest.raises(ValueError, match=r"compile='graph'.*cannot substitute them"):
+        fitted.fit(factor_data(), epochs=1, batch_size=40, compile="graph", progress=False)
+
+
+def test_methods_of_one_module_train_identically_eager_and_compiled(float64):
+    def run(compile_mode):
+        torch.manual_seed(0)
+        program = FactorAnalysisModule()
+        fitted = LatentVariableModel(program.model, program.guide)
+        fitted.fit(factor_data(), epochs=2, batch_size=40, learning_rate=1e-2, seed=1,
+                   compile=compile_mode, progress=False)
+        return fitted.history_.column("train_elbo"), snapshot(program)
+
+    (eager, eager_state), (graph, graph_state) = run("none"), run("graph")
+    assert graph == pytest.approx(eager, rel=1e-9)
+    for name, value in eager_state.items():
+        assert torch.allclose(graph_state[name], value, rtol=1e-7, atol=1e-9), name

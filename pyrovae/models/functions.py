@@ -60,6 +60,7 @@ class ParamRegistry(nn.Module):
         super().__init__()
         self.constraints_: dict[str, constraints.Constraint] = {}
         self.pending_: dict[str, torch.Tensor] = {}
+        self.adopted_: set[str] = set()
 
     def names(self) -> list[str]:
         return [_decode(attribute) for attribute in self._parameters]
@@ -87,6 +88,7 @@ class ParamRegistry(nn.Module):
             with torch.no_grad():
                 parameter.copy_(self.pending_.pop(name))
         self.register_parameter(_encode(name), parameter)
+        self.adopted_.add(name)
 
     def constrained(self, name: str, init, constraint, event_dim=None) -> torch.Tensor:
         """The value of ``pyro.param(name, init, constraint)``: differentiable, with the
@@ -165,7 +167,9 @@ class RegistryParams(Messenger):
         args = msg["args"]
         init = args[1] if len(args) > 1 else msg["kwargs"].get("init_tensor")
         constraint = msg["kwargs"].get("constraint", constraints.real)
-        if isinstance(init, nn.Parameter) and id(init) in self.owned:
+        if _is_live_tensor(init) and (id(init) in self.owned or not isinstance(init, nn.Parameter)):
+            # pyro.module on a module already held here, or on one whose parameters are
+            # substituted (torch.func.functional_call in a compiled step): nothing to own.
             msg["value"] = unconstrained_handle(init)
         else:
             msg["value"] = self.registry.constrained(msg["name"], init, constraint)
@@ -181,6 +185,12 @@ class RegistryParams(Messenger):
         value = msg["value"]
         if isinstance(value, nn.Parameter) and not hasattr(value, "unconstrained"):
             msg["value"] = unconstrained_handle(value)
+
+
+def _is_live_tensor(value) -> bool:
+    """A tensor that takes gradients (a module's parameter, or its stand-in), not an
+    initial value."""
+    return isinstance(value, torch.Tensor) and value.requires_grad
 
 
 class PyroFunction(nn.Module):
@@ -203,22 +213,37 @@ class PyroFunction(nn.Module):
         write every parameter twice into a file).
     """
 
-    def __init__(self, function: Callable, registry: ParamRegistry, register: bool = True):
+    def __init__(
+        self,
+        function: Callable,
+        registry: ParamRegistry,
+        register: bool = True,
+        registered_owners: tuple[nn.Module, ...] = (),
+    ):
         super().__init__()
         if register:
             self.registry = registry
         else:
             object.__setattr__(self, "registry", registry)
-        owner = getattr(function, "__self__", None)
-        if isinstance(function, nn.Module):
-            self.owner = function
-        elif isinstance(owner, nn.Module):
+        owner = function if isinstance(function, nn.Module) else getattr(function, "__self__", None)
+        if not isinstance(owner, nn.Module):
+            owner = None
+        if owner is not None and any(owner is other for other in registered_owners):
+            # Held once, by the other program: a module under two names in one tree is not
+            # restored by torch.func.functional_call (the compiled step's substitution).
+            object.__setattr__(self, "shared_owner_", owner)
+        elif owner is not None:
             self.owner = owner
         object.__setattr__(self, "function", function)
 
+    def owner_module(self) -> nn.Module | None:
+        """The module whose method this program is (held here or by the other program)."""
+        return self._modules.get("owner", getattr(self, "shared_owner_", None))
+
     def forward(self, *args, **kwargs):
-        owned = frozenset(map(id, self.owner.parameters())) if "owner" in self._modules else None
-        with RegistryParams(self.registry, owned or frozenset()):
+        owner = self.owner_module()
+        owned = frozenset() if owner is None else frozenset(map(id, owner.parameters()))
+        with RegistryParams(self.registry, owned):
             return self.function(*args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -238,7 +263,8 @@ def as_pyro_modules(model: Callable, guide: Callable) -> tuple[nn.Module, nn.Mod
     for program in (model, guide):
         if isinstance(program, LocalParamsModule):
             modules.append(program)
-        else:
-            first = not any(isinstance(m, PyroFunction) for m in modules)
-            modules.append(PyroFunction(program, registry, register=first))
+            continue
+        wrapped = [m for m in modules if isinstance(m, PyroFunction)]
+        owners = tuple(m.owner_module() for m in wrapped if m.owner_module() is not None)
+        modules.append(PyroFunction(program, registry, not wrapped, owners))
     return modules[0], modules[1]

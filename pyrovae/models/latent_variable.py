@@ -95,6 +95,22 @@ class LatentVariableModel(nn.Module):
         return torch.get_default_dtype() if parameter is None else parameter.dtype
 
     # -- parameters --------------------------------------------------------------------
+    def compile_obstacle(self) -> str | None:
+        """Why a compiled step (``compile="graph"``/``"inductor"``) cannot train this model,
+        or ``None``: it substitutes the parameters of the module tree, so modules that a
+        function reaches from outside it (``pyro.module`` / ``PyroModule`` s captured from
+        the enclosing scope) would keep their own tensors and get no gradient."""
+        registry = self.pyro_params
+        if registry is None or not registry.adopted_:
+            return None
+        names = ", ".join(sorted(registry.adopted_)[:3])
+        return (
+            f"the model or guide uses parameters of modules outside it ({names}, ...) through "
+            "pyro.module / PyroModule; the compiled step cannot substitute them. Train with "
+            "compile='none', or make the modules attributes of an nn.Module whose methods "
+            "are the model and guide"
+        )
+
     def prepare_parameters(self, *inputs: torch.Tensor) -> None:
         """Create the lazily initialised parameters of function-style programs by one call
         of guide and model on the first data point(s), then check that every parameter the
