@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from pyrovae import VAE
-from pyrovae.evaluation.importance import evaluate
 from pyrovae.evaluation.gaps import (
     SUPPORTED_FAMILIES,
     decompose_gaps,
     gap_decomposition,
     local_guide,
 )
+from pyrovae.evaluation.importance import evaluate
 from pyrovae.models.linear_gaussian import (
     LinearGaussianGuide,
     LinearGaussianModel,
@@ -124,7 +124,13 @@ def test_importance_sampled_log_px_by_default(linear_gaussian):
     assert "importance sampling" in result.log_px_source
     # The same numbers as evaluate() with the same seed and settings.
     direct = evaluate(
-        model, wide, x[:8], num_samples=500, ks=(1,), seed=1, max_pairs=2**14,
+        model,
+        wide,
+        x[:8],
+        num_samples=500,
+        ks=(1,),
+        seed=1,
+        max_pairs=2**14,
         latent_diagnostics=False,
     )
     np.testing.assert_array_equal(result.per_datapoint["log_px"], direct.per_datapoint["log_px"])

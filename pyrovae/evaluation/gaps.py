@@ -165,7 +165,7 @@ def local_guide(guide, *args, data_plate: str = "data", **kwargs) -> LocalNormal
             f"{len(sites)} latent sites ({', '.join(map(repr, sites))}), e.g. the two-layer "
             "VAE's q(z1 | x) q(z2 | z1), whose per-point family is not a set of free parameters"
         )
-    (name, site), = sites.items()
+    ((name, site),) = sites.items()
     parts = _normal_parts(site["fn"])
     if parts is None:
         raise ValueError(
@@ -254,7 +254,7 @@ def optimize_local(
         objective = _step_objective(model, local, args, kwargs, draws, data_plate, nesting)
         loss = -objective.sum()
         gradients = torch.autograd.grad(loss, parameters)
-        for parameter, gradient in zip(parameters, gradients):
+        for parameter, gradient in zip(parameters, gradients, strict=True):
             parameter.grad = gradient
         optimizer.step()
         schedule.step()
@@ -394,8 +394,9 @@ def _given_log_px(log_px, length: int, fingerprint: str) -> np.ndarray:
     values = getattr(log_px, "per_datapoint", {"log_px": log_px})["log_px"]
     values = np.asarray(torch.as_tensor(values).detach().cpu().double(), dtype=np.float64)
     if values.shape != (length,):
-        raise ValueError(f"log_px must have one value per data point, shape ({length},), got "
-                         f"{values.shape}")
+        raise ValueError(
+            f"log_px must have one value per data point, shape ({length},), got {values.shape}"
+        )
     if not np.isfinite(values).all():
         raise ValueError("log_px must be finite")
     return values
@@ -452,11 +453,20 @@ def gap_decomposition(
     length = _batched_length(args, kwargs)
     fingerprint = data_fingerprint(*per_point_tensors(args, kwargs, length))
     amortized = evaluate(
-        model, guide, *args, num_samples=num_samples, ks=(1,), data_plate=data_plate,
-        max_pairs=max_pairs, seed=seed, latent_diagnostics=False, **kwargs,
+        model,
+        guide,
+        *args,
+        num_samples=num_samples,
+        ks=(1,),
+        data_plate=data_plate,
+        max_pairs=max_pairs,
+        seed=seed,
+        latent_diagnostics=False,
+        **kwargs,
     )
     if log_px is None:
-        log_px, source = amortized.per_datapoint["log_px"], (
+        log_px = amortized.per_datapoint["log_px"]
+        source = (
             f"importance sampling with the amortized guide, K={num_samples} (a lower bound in "
             "expectation: the approximation gap is understated by its bias)"
         )
@@ -492,10 +502,20 @@ def _optimal_elbo(model, guide, args, kwargs, num_samples, data_plate, max_pairs
         index = slice(start, min(start + chunk, length))
         chunk_args, chunk_kwargs = _slice_arguments(args, kwargs, length, index)
         local = local_guide(guide, *chunk_args, data_plate=data_plate, **chunk_kwargs)
-        totals += optimize_local(model, local, chunk_args, chunk_kwargs, data_plate=data_plate,
-                                 nesting=nesting, **options)
-        optimal.append(local_elbo(model, local, chunk_args, chunk_kwargs, num_samples,
-                                  data_plate, nesting, max_pairs))
+        totals += optimize_local(
+            model,
+            local,
+            chunk_args,
+            chunk_kwargs,
+            data_plate=data_plate,
+            nesting=nesting,
+            **options,
+        )
+        optimal.append(
+            local_elbo(
+                model, local, chunk_args, chunk_kwargs, num_samples, data_plate, nesting, max_pairs
+            )
+        )
         with torch.no_grad():
             locs.append(local.loc.double().cpu().numpy())
             scales.append(local.scale.double().cpu().numpy())
@@ -504,8 +524,12 @@ def _optimal_elbo(model, guide, args, kwargs, num_samples, data_plate, max_pairs
 
 
 def _check_options(num_samples, steps, draws, learning_rate, max_pairs) -> None:
-    for name, value in (("num_samples", num_samples), ("steps", steps), ("draws", draws),
-                        ("max_pairs", max_pairs)):
+    for name, value in (
+        ("num_samples", num_samples),
+        ("steps", steps),
+        ("draws", draws),
+        ("max_pairs", max_pairs),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not learning_rate > 0:

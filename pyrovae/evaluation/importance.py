@@ -29,7 +29,7 @@ evaluation by counting every tensor the traced model and guide allocate for one 
 
 Precision: where a float32 model's log weights are so large that float32 rounding (spacing
 eps * |log w|) is not small against their spread over the K draws, the block is computed again
-from a float64 copy of the model and guide (column ``float64`` is 1 for those points); where
+from a float64 copy of the model and guide (``result.float64_points`` marks them); where
 even float64 cannot resolve them, evaluation stops with an error instead of reporting
 rounded-away weights as equal (ESS = K, k-hat = -inf, gap 0).
 """
@@ -41,7 +41,6 @@ import copy
 import csv
 import hashlib
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -67,7 +67,7 @@ def _mutual_information(pieces: list, max_pairs: int) -> float:
     consecutive chunks of points), one draw z_n ~ q(. | x_n) each; the (z_n, x_m) pairs are
     scored in blocks of at most ``max_pairs``."""
     draws = [fn.sample() for fn in pieces]  # (n_i, ...) one draw per data point
-    log_q_own = torch.cat([fn.log_prob(z).double() for fn, z in zip(pieces, draws)])
+    log_q_own = torch.cat([fn.log_prob(z).double() for fn, z in zip(pieces, draws, strict=True)])
     draws = torch.cat(draws)
     total, widest = draws.shape[0], max(fn.batch_shape[0] for fn in pieces)
     rows = max(1, max_pairs // widest)
