@@ -21,7 +21,11 @@ The method :meth:`CompiledStep.loss_and_norm` also computes the gradients' globa
 What is frozen at trace time: Python control flow and any number read from a tensor. That
 holds for the built-in VAE and for models whose structure does not depend on data values;
 the equality test in ``tests/test_compiled.py`` guards it. The objective's own settings
-(e.g. the annealed KL weight) are part of the cache key, so a change retraces.
+(e.g. the annealed KL weight) are part of the cache key, so a change retraces. Site scales
+(``poutine.scale``, plate subsampling scales) are Python numbers at trace time and enter the
+graph as constants: the compiled traceable objectives honour them exactly as the eager ones
+(``tests/test_pyro_elbo.py`` compares them with Pyro's ``Trace_ELBO``). A model whose plate
+depth the objective must guess is run once eagerly before tracing.
 """
 
 from __future__ import annotations
@@ -47,7 +51,24 @@ does not record: never taken for identities."""
 
 
 def _objective_state(objective) -> tuple:
-    return tuple(sorted((k, v) for k, v in vars(objective).items() if isinstance(v, float | int)))
+    """The objective's numeric settings (public attributes): part of the graph cache key."""
+    return tuple(
+        sorted(
+            (k, v)
+            for k, v in vars(objective).items()
+            if isinstance(v, float | int) and not k.startswith("_")
+        )
+    )
+
+
+def _prepare_objective(loss_module: nn.Module, batch: tuple) -> None:
+    """Settle what the objective finds out on its first call (the model's plate depth) before
+    tracing, so that the guess runs eagerly and not into the graph."""
+    elbo = getattr(loss_module, "elbo", None)
+    plate_nesting = getattr(elbo, "plate_nesting", None)
+    if plate_nesting is not None:
+        with torch.no_grad():
+            plate_nesting(loss_module.model, loss_module.guide, batch, {})
 
 
 def _layout(tensor: torch.Tensor) -> tuple:
@@ -201,7 +222,8 @@ class CompiledStep:
     loss_module : torch.nn.Module
         ``objective(model, guide)``; its forward returns the loss for a batch. The objective
         must not move values to the host inside the loss (Pyro's ``Trace_ELBO`` does; use
-        :class:`pyrovae.objectives.MonteCarloELBO`, which is equal for reparameterized guides).
+        :class:`pyrovae.objectives.MonteCarloELBO`, which is equal for reparameterized guides,
+        ``poutine.scale`` and subsampled plates included).
     backend : str
         ``"graph"`` replays the traced ATen graph; ``"inductor"`` compiles it further.
 
@@ -269,6 +291,7 @@ class CompiledStep:
     def _trace(self, batch: tuple, clip_norm: float | None = None, with_norm: bool = False):
         from torch.fx.experimental.proxy_tensor import make_fx
 
+        _prepare_objective(self.loss_module, batch)
         params = [p.detach().requires_grad_(p.requires_grad) for p in self.parameters]
         if with_norm:
             function = lambda params, batch: self.reference_with_norm(params, batch, clip_norm)  # noqa: E731

@@ -57,6 +57,7 @@ from pyrovae.evaluation.latents import LatentUse, latent_use
 from pyrovae.evaluation.traces import (
     _batched_length,
     _slice_arguments,
+    check_data_kwargs,
     chunk_bounds,
     guess_max_plate_nesting,
     particle_terms,
@@ -371,6 +372,7 @@ def evaluate(
     memory_budget: int | None = None,
     drop_large_ks: bool = False,
     float64_fallback: bool = True,
+    data_kwargs: Sequence[str] | None = None,
     **kwargs,
 ) -> EvaluationResult:
     """Importance-sampled bounds on log p(x), per data point, for a Pyro model and guide.
@@ -379,8 +381,10 @@ def evaluate(
     ----------
     model, guide : callable
         Pyro model and guide with the same latent sites, all local to the plate
-        ``data_plate``; called as ``model(*args, **kwargs)``. Tensor arguments whose first
-        axis has the data size are split into chunks along it.
+        ``data_plate``; called as ``model(*args, **kwargs)``. The positional arguments are
+        the per-datapoint data: each positional tensor has one row per data point and is
+        split into chunks along its first axis. Keyword arguments are passed whole unless
+        named in ``data_kwargs``.
     num_samples : int
         K, draws z_k ~ q(z | x_n) per data point (5000 for published test log-likelihoods).
     ks : sequence of int
@@ -409,6 +413,11 @@ def evaluate(
         Recompute a block from a float64 copy of the model and guide when float32 rounding
         cannot resolve its log weights (see :func:`unresolved_points`); with ``False``, or
         where float64 fails too, raise ``ValueError`` instead.
+    data_kwargs : sequence of str, optional
+        Keyword arguments that hold per-datapoint data, chunked with the positional data.
+        Omitted: a keyword tensor with one row per data point is refused as ambiguous (it
+        may be a parameter that happens to have N rows: pass ``data_kwargs=()`` to keep it
+        whole). See :mod:`pyrovae.evaluation.traces`.
 
     Returns
     -------
@@ -421,8 +430,9 @@ def evaluate(
         pyro.set_rng_seed(seed)
     parallel = active_context()
     base_seed = _base_seed(seed, parallel)
-    length = _batched_length(args, kwargs)
-    probe_args, probe_kwargs = _slice_arguments(args, kwargs, length, slice(0, 1))
+    data_kwargs = check_data_kwargs(args, kwargs, data_kwargs)
+    length = _batched_length(args, kwargs, data_kwargs)
+    probe_args, probe_kwargs = _slice_arguments(args, kwargs, length, slice(0, 1), data_kwargs)
     nesting = guess_max_plate_nesting(model, guide, *probe_args, **probe_kwargs)
     pairs = evaluation_pairs(
         model, guide, probe_args, probe_kwargs, nesting, data_plate, max_pairs, memory_budget
@@ -430,6 +440,7 @@ def evaluate(
     pairs = pairs if parallel is None else parallel.broadcast_object(pairs)
     blocks = list(chunk_bounds(length, max(1, pairs // num_samples)))
     rerun = _Float64Rerun(model, guide, num_samples, data_plate, pairs, nesting, float64_fallback)
+    rerun.options["data_kwargs"] = data_kwargs
     mine = (
         range(len(blocks)) if parallel is None else range(len(blocks))[parallel.shard(len(blocks))]
     )
@@ -439,7 +450,9 @@ def evaluate(
     with tqdm(total=total, disable=not progress, desc="evaluating", unit="pt") as bar:
         for block in mine:
             start, stop = blocks[block]
-            chunk_args, chunk_kwargs = _slice_arguments(args, kwargs, length, slice(start, stop))
+            chunk_args, chunk_kwargs = _slice_arguments(
+                args, kwargs, length, slice(start, stop), data_kwargs
+            )
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(derived_seed(base_seed, block))
                 terms = particle_terms(
@@ -450,6 +463,7 @@ def evaluate(
                     data_plate=data_plate,
                     max_pairs=pairs,
                     max_plate_nesting=nesting,
+                    data_kwargs=data_kwargs,
                     **chunk_kwargs,
                 )
             seeded = _seeded(devices, derived_seed(base_seed, block))
@@ -462,9 +476,11 @@ def evaluate(
     per_datapoint = {name: np.concatenate(parts) for name, parts in columns.items()}
     float64_points = per_datapoint.pop("float64") > 0
     latent = (
-        latent_use(model, guide, *args, max_pairs=pairs, **kwargs) if latent_diagnostics else {}
+        latent_use(model, guide, *args, max_pairs=pairs, data_kwargs=data_kwargs, **kwargs)
+        if latent_diagnostics
+        else {}
     )
-    fingerprint = data_fingerprint(*per_point_tensors(args, kwargs, length))
+    fingerprint = data_fingerprint(*per_point_tensors(args, kwargs, length, data_kwargs))
     return EvaluationResult(
         per_datapoint, num_samples, ks, latent, dropped_ks, fingerprint, pairs, float64_points
     )

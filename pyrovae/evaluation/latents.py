@@ -5,6 +5,7 @@ information between x and z under q, for each latent site of any Pyro model and 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,7 +90,14 @@ def _log_aggregate(draws: torch.Tensor, pieces: list) -> torch.Tensor:
 
 @torch.no_grad()
 def latent_use(
-    model, guide, *args, max_points: int = 2000, seed: int = 0, max_pairs: int = 2**16, **kwargs
+    model,
+    guide,
+    *args,
+    max_points: int = 2000,
+    seed: int = 0,
+    max_pairs: int = 2**16,
+    data_kwargs: Sequence[str] = (),
+    **kwargs,
 ):
     """Latent-use diagnostics for each latent site, from one pass of guide and model.
 
@@ -107,6 +115,9 @@ def latent_use(
         run on at most this many points at once (one draw each), the mutual information
         scores at most this many (draw, data point) pairs at once, and Monte Carlo moments
         (flows) take at most this many draws at once.
+    data_kwargs : sequence of str
+        Keyword arguments holding per-datapoint data, subset with the positional data (see
+        :mod:`pyrovae.evaluation.traces`); other keyword arguments are passed whole.
 
     Returns
     -------
@@ -114,17 +125,20 @@ def latent_use(
     """
     if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 1:
         raise ValueError(f"max_pairs must be a positive integer, got {max_pairs!r}")
-    length = _batched_length(args, kwargs)
+    data_kwargs = tuple(data_kwargs)
+    length = _batched_length(args, kwargs, data_kwargs)
     count = min(length, max_points)
     generator = torch.Generator().manual_seed(seed)
     subset = torch.randperm(length, generator=generator)[:count].sort().values
-    args, kwargs = _slice_arguments(args, kwargs, length, subset)
+    args, kwargs = _slice_arguments(args, kwargs, length, subset, data_kwargs)
     devices = [t.device for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
     cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):  # seeded draws; the caller's RNG is untouched
         torch.manual_seed(seed)
         pieces = [
-            _site_distributions(model, guide, *_slice_arguments(args, kwargs, count, index))
+            _site_distributions(
+                model, guide, *_slice_arguments(args, kwargs, count, index, data_kwargs)
+            )
             for index in _chunks(count, max_pairs)
         ]
         results = {

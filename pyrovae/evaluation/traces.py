@@ -13,15 +13,31 @@ The log importance weight is ``log_p_obs + log_p_latent - log_q`` (nats). Only *
 latent variables, sampled inside the data plate, have per-datapoint weights; a latent site
 outside that plate is refused with an error naming it.
 
-Data convention: every tensor argument of the model and guide whose first axis has the
-length N of the data plate is sliced along that axis when evaluating in chunks.
+Scales. Pyro gives every site a ``scale``: the product of ``poutine.scale`` factors and of
+the subsampling scales (size / subsample size) of the plates around it. The scales of the
+plates *other than* the data plate multiply a site's log density inside the data point's
+sum (they make it an estimate of the sum over the full inner plate). The rest -- the data
+plate's subsampling scale and ``poutine.scale`` -- must be one common factor of every site;
+it is :attr:`ParticleTraces.outer_scale`, which multiplies the per-datapoint bound *after*
+any log-sum-exp over draws (a loss is ``-outer_scale * sum_n bound_n``), and evaluation
+leaves it out (the bounds are per data point). Objectives linear in the site terms (the
+ELBO family) also take site-specific scales, multiplied in site by site as Pyro's
+``Trace_ELBO`` does.
+
+Data convention for evaluating in chunks: the positional arguments of the model and guide
+are the per-datapoint data -- each positional tensor has one row per data point and is
+sliced along its first axis; keyword arguments are sliced only when named in
+``data_kwargs``, and a keyword tensor with one row per data point whose role is not stated
+is refused (it could be a parameter that happens to have N rows).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import math
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import pyro
 import torch
@@ -95,9 +111,17 @@ def _data_plate_size(trace, data_plate: str) -> int:
 
 
 def _per_datapoint(
-    log_prob: torch.Tensor, site: dict, data_dim: int, num_particles: int, nesting: int
+    log_prob: torch.Tensor,
+    site: dict,
+    data_dim: int,
+    num_particles: int,
+    nesting: int,
+    weight=1.0,
 ) -> torch.Tensor:
-    """Reduce a site's log density to shape (K, N) by summing every plate dim but the data one."""
+    """Reduce a site's log density, times ``weight`` (a number or a broadcastable tensor), to
+    shape (K, N) by summing every plate dim but the data one."""
+    if not (isinstance(weight, numbers.Number) and weight == 1.0):
+        log_prob = log_prob * weight
     if site["mask"] is not None and not isinstance(site["mask"], bool):
         log_prob = log_prob.masked_fill(~site["mask"], 0.0)
     elif site["mask"] is False:
@@ -124,11 +148,103 @@ def _closed_form_kl(guide_site: dict, model_site: dict) -> torch.Tensor | None:
     return None if is_identically_zero(kl) else kl
 
 
-def trace_pair(model: Callable, guide: Callable, args: tuple, kwargs: dict):
-    """Trace the guide, then the model replayed on the guide's draws: (model, guide) traces."""
+def _frame_scale(frame) -> float:
+    """Subsampling scale of one plate: full size / subsample size (1 without subsampling)."""
+    if frame.full_size is None or frame.full_size == frame.size:
+        return 1.0
+    return frame.full_size / frame.size
+
+
+def inner_plate_scale(site: dict, data_plate: str) -> float:
+    """Product of the subsampling scales of the plates around ``site`` other than the data
+    plate: the factor of the site's log density inside a data point's sum."""
+    factor = 1.0
+    for frame in site["cond_indep_stack"]:
+        if frame.name != data_plate:
+            factor = factor * _frame_scale(frame)
+    return factor
+
+
+def _same_scale(first, other) -> bool:
+    if isinstance(first, numbers.Number) and isinstance(other, numbers.Number):
+        return math.isclose(first, other, rel_tol=1e-12, abs_tol=0.0)
+    return float(first) == float(other)
+
+
+def common_outer_scale(sites: Sequence[dict], data_plate: str):
+    """The factor that every site's scale has beyond its inner plates' subsampling scales
+    (``poutine.scale`` times the data plate's subsampling scale), or ``None`` when the sites
+    differ (site-specific ``poutine.scale``) or a scale is a tensor with several entries."""
+    outers = []
+    for site in sites:
+        scale = site["scale"]
+        if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+            return None
+        outers.append(scale / inner_plate_scale(site, data_plate))
+    if not outers:
+        return 1.0
+    first = outers[0]
+    return first if all(_same_scale(first, other) for other in outers[1:]) else None
+
+
+def _scale_description(sites: dict[str, dict]) -> str:
+    return ", ".join(
+        f"{name!r}: {float(site['scale']):g}"
+        for name, site in sites.items()
+        if not isinstance(site["scale"], torch.Tensor) or site["scale"].numel() == 1
+    )
+
+
+def _aliased(trace):
+    """A copy of ``trace`` whose sampled values are fresh autograd aliases (``view_as``) of
+    the originals: a model replayed on it sees the same numbers through distinct tensors,
+    so gradient hooks on them act only on the model's uses of the draws."""
+    copied = trace.copy()
+    for name, site in trace.nodes.items():
+        value = site.get("value")
+        if site["type"] == "sample" and isinstance(value, torch.Tensor) and value.requires_grad:
+            copied.nodes[name] = {**site, "value": value.view_as(value)}
+    return copied
+
+
+def _detached(trace):
+    """A copy of ``trace`` whose sampled values are detached from autograd."""
+    copied = trace.copy()
+    for name, site in trace.nodes.items():
+        value = site.get("value")
+        if site["type"] == "sample" and isinstance(value, torch.Tensor):
+            copied.nodes[name] = {**site, "value": value.detach()}
+    return copied
+
+
+def trace_pair(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, alias_latents: bool = False
+):
+    """Trace the guide, then the model replayed on the guide's draws: (model, guide) traces.
+
+    With ``alias_latents`` the model sees autograd aliases of the draws (see
+    :func:`_aliased`) rather than the guide's tensors themselves.
+    """
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    replayed = _aliased(guide_trace) if alias_latents else guide_trace
+    model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(*args, **kwargs)
     return model_trace, guide_trace
+
+
+def resolve_plate_nesting(value) -> int | None:
+    """A validated ``max_plate_nesting``: a non-negative integer, or ``None`` for 'guess it'
+    (``None`` or ``float('inf')``, Pyro's default)."""
+    if value is None or (isinstance(value, float) and value == math.inf):
+        return None
+    integral = isinstance(value, numbers.Integral) or (
+        isinstance(value, float) and value.is_integer()
+    )
+    if isinstance(value, bool) or not integral or value < 0:
+        raise ValueError(
+            "max_plate_nesting must be a non-negative integer, or None / float('inf') to guess "
+            f"it by running model and guide once; got {value!r}"
+        )
+    return int(value)
 
 
 def guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -> int:
@@ -149,7 +265,13 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, *args, **kwargs) -
 @dataclass
 class ParticleTraces:
     """Model and guide traces of one vectorized pass with K draws per data point, and the
-    bookkeeping that reduces any site's log density to shape (K, N)."""
+    bookkeeping that reduces any site's log density to shape (K, N).
+
+    ``site_scales`` allows site-specific scales (objectives linear in the site terms): when
+    the sites have no common outer scale, every site's whole scale multiplies its log density
+    and :attr:`outer_scale` is 1. Without it such scales are refused. ``guide``, ``args`` and
+    ``kwargs`` (the guide and its arguments) are needed by :meth:`guide_score_density` only.
+    """
 
     model_trace: object
     guide_trace: object
@@ -157,34 +279,85 @@ class ParticleTraces:
     data_plate: str
     max_plate_nesting: int
     data_size: int
+    site_scales: bool = False
+    guide: Callable | None = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.model_sites = _sample_sites(self.model_trace)
         self.guide_sites = _sample_sites(self.guide_trace)
         _check_site_names(self.model_sites, self.guide_sites)
+        self.outer_scale, self.scales_inside = self._resolve_scales()
+
+    def _resolve_scales(self):
+        """(outer scale, whether each site's whole scale goes inside the data point's sum)."""
+        sites = {f"model {n}": s for n, s in self.model_sites.items()}
+        sites.update({f"guide {n}": s for n, s in self.guide_sites.items()})
+        outer = common_outer_scale(list(sites.values()), self.data_plate)
+        if outer is not None:
+            return outer, False
+        if self.site_scales:
+            return 1.0, True
+        raise ValueError(
+            "the sites' scales (poutine.scale times plate subsampling scales) differ by more "
+            f"than their inner plates' subsampling: {_scale_description(sites)}; a bound with "
+            "a log-sum-exp over draws (IWAE, Rényi, DReG, log p(x) estimates) needs one common "
+            "scale per data point (poutine.scale around the whole model and guide); the ELBO "
+            "objectives (trace_elbo, stl, trace_meanfield_elbo) take site-specific scales"
+        )
+
+    def site_weight(self, site: dict):
+        """Factor of the site's log density inside the data point's sum (see module doc)."""
+        if self.scales_inside:
+            return site["scale"]
+        return inner_plate_scale(site, self.data_plate)
 
     @property
     def latent_names(self) -> list[str]:
         return [name for name, site in self.model_sites.items() if not site["is_observed"]]
 
     def per_datapoint(self, log_prob: torch.Tensor, site: dict, role: str) -> torch.Tensor:
-        """Sum ``log_prob`` over every plate dim but the draw and data dims: shape (K, N)."""
+        """``log_prob`` times the site's weight (:meth:`site_weight`), summed over every plate
+        dim but the draw and data dims: shape (K, N), nats."""
         frame = _data_frame(site, self.data_plate, role)
-        return _per_datapoint(log_prob, site, frame.dim, self.num_particles, self.max_plate_nesting)
+        return _per_datapoint(
+            log_prob,
+            site,
+            frame.dim,
+            self.num_particles,
+            self.max_plate_nesting,
+            self.site_weight(site),
+        )
 
     def data_axis(self, site: dict) -> int:
         """Axis of the data plate in ``site["value"]`` (the draw axis is 0)."""
         frame = _data_frame(site, self.data_plate, "guide")
         return self.max_plate_nesting + 1 + frame.dim
 
-    def guide_log_density(self, detach_values: bool = False) -> torch.Tensor:
-        """log q(z_k | x_n), shape (K, N); with ``detach_values`` the draws z are constants, so
-        the gradient is the score term d/dphi log q(z; phi) alone."""
+    def guide_score_density(self) -> torch.Tensor | None:
+        """log q_phi(z_k | x_n) with every draw held fixed, shape (K, N); ``None`` without
+        latent sites.
+
+        The guide is replayed on detached copies of its draws, so each site's distribution is
+        rebuilt from detached upstream draws (q(z2 | z1) from a constant z1): the gradient is
+        the score term d/dphi log q_phi(z) at fixed z alone, and subtracting it from log q
+        leaves exactly the path terms, those through q(z2 | z1)'s dependence on z1 included.
+        Runs the guide once more (it must be deterministic given its draws).
+        """
+        if not self.latent_names:
+            return None
+        if self.guide is None:
+            raise ValueError("guide_score_density needs the guide: build the traces by run_traces")
+        particle_dim = -(self.max_plate_nesting + 1)
+        replayed_guide = poutine.replay(self.guide, trace=_detached(self.guide_trace))
+        with poutine.block(), pyro.plate(PARTICLE_PLATE, self.num_particles, dim=particle_dim):
+            trace = poutine.trace(replayed_guide).get_trace(*self.args, **self.kwargs)
+        sites = _sample_sites(trace)
         total = 0.0
         for name in self.latent_names:
-            site = self.guide_sites[name]
-            value = site["value"].detach() if detach_values else site["value"]
-            total = total + self.per_datapoint(site["fn"].log_prob(value), site, "guide")
+            site = sites[name]
+            total = total + self.per_datapoint(_site_log_prob(site), site, "guide")
         return total
 
 
@@ -197,19 +370,32 @@ def run_traces(
     data_plate: str,
     max_plate_nesting: int,
     block: bool = True,
+    alias_latents: bool = False,
+    site_scales: bool = False,
 ) -> ParticleTraces:
     """Trace the guide and then the model replayed on its draws, K draws per data point,
     vectorized with an extra plate left of the model's plates. Keeps autograd history.
 
-    ``block=False`` lets outer handlers see the sites (e.g. SVI collecting ``pyro.param`` sites).
+    ``block=False`` lets outer handlers see the sites (e.g. SVI collecting ``pyro.param``
+    sites); ``alias_latents`` replays the model on autograd aliases of the draws (see
+    :func:`trace_pair`); ``site_scales`` see :class:`ParticleTraces`.
     """
     particle_dim = -(max_plate_nesting + 1)
     blocker = poutine.block() if block else contextlib.nullcontext()
     with blocker, pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-        model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
+        model_trace, guide_trace = trace_pair(model, guide, args, kwargs, alias_latents)
     size = _data_plate_size(model_trace, data_plate)
     return ParticleTraces(
-        model_trace, guide_trace, num_particles, data_plate, max_plate_nesting, size
+        model_trace,
+        guide_trace,
+        num_particles,
+        data_plate,
+        max_plate_nesting,
+        size,
+        site_scales=site_scales,
+        guide=guide,
+        args=args,
+        kwargs=kwargs,
     )
 
 
@@ -247,8 +433,8 @@ def reduce_terms(traces: ParticleTraces, with_kl: bool = True) -> ParticleTerms:
         if kl is None:
             all_analytic = False
             kl_term = log_q - log_p
-        else:
-            kl_term = traces.per_datapoint(kl, site, "latent model")
+        else:  # the guide site's scale and mask, as Pyro's TraceMeanField_ELBO
+            kl_term = traces.per_datapoint(kl, guide_site, "guide")
         terms["kl"] = terms["kl"] + kl_term
     if not isinstance(terms["log_p_obs"], torch.Tensor):
         raise ValueError("the model has no observed site: pass the data as `obs=` of a sample site")
@@ -281,20 +467,93 @@ def _names(names: list[str]) -> str:
     return ", ".join(map(repr, names))
 
 
-def _batched_length(args: tuple, kwargs: dict) -> int:
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
-    raise ValueError("no tensor argument found: pass the data tensor(s) to the model and guide")
+def _data_tensors(args: tuple, kwargs: dict, data_kwargs: Sequence[str]) -> dict[str, object]:
+    """The data arguments, by description: positional tensors and the named keywords."""
+    data = {
+        f"positional argument {i}": value
+        for i, value in enumerate(args)
+        if isinstance(value, torch.Tensor)
+    }
+    for name in data_kwargs:
+        if name not in kwargs:
+            raise ValueError(
+                f"data_kwargs names {name!r}, which is not a keyword argument of this call "
+                f"(keyword arguments: {_names(sorted(kwargs)) or 'none'})"
+            )
+        data[f"keyword argument {name!r}"] = kwargs[name]
+    return data
 
 
-def _slice_arguments(args: tuple, kwargs: dict, length: int, index: slice):
-    def take(value):
+def _batched_length(args: tuple, kwargs: dict, data_kwargs: Sequence[str] = ()) -> int:
+    """N, the number of data points: the rows of the data arguments (the positional tensors
+    and the keywords named in ``data_kwargs``), which must all have that many rows."""
+    data = _data_tensors(args, kwargs, data_kwargs)
+    if not data:
+        raise ValueError(
+            "no data tensor found: pass the per-datapoint data as positional tensor "
+            "argument(s) (or as keyword arguments named in data_kwargs)"
+        )
+    length = None
+    for description, value in data.items():
+        rows = value.shape[0] if isinstance(value, torch.Tensor) and value.dim() > 0 else None
+        if length is None and rows is not None:
+            length = rows
+        if rows is None or rows != length:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"{description} has {rows if rows is not None else 'no'} rows (shape {shape}) "
+                f"but the data has {length if length is not None else 'none'}: positional "
+                "arguments (and keywords named in data_kwargs) are the per-datapoint data, one "
+                "row per data point; pass other tensors as keyword arguments"
+            )
+    return length
+
+
+def check_data_kwargs(
+    args: tuple, kwargs: dict, data_kwargs: Sequence[str] | None
+) -> tuple[str, ...]:
+    """The keywords to slice with the data, refusing an ambiguous call.
+
+    With ``data_kwargs=None`` (role not stated) a keyword tensor argument with one row per
+    data point is refused: it may be data (name it in ``data_kwargs``) or a parameter that
+    happens to have N rows (pass ``data_kwargs=()``), and slicing the wrong one would cut a
+    parameter silently.
+    """
+    if data_kwargs is not None:
+        names = (data_kwargs,) if isinstance(data_kwargs, str) else tuple(data_kwargs)
+        _batched_length(args, kwargs, names)  # checks the names and their rows
+        return names
+    length = _batched_length(args, kwargs)
+    for name, value in kwargs.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == length:
-            return value[index]
-        return value
+            raise ValueError(
+                f"keyword argument {name!r} has {length} rows, like the data: say whether it "
+                f"holds one row per data point -- data_kwargs=({name!r},) slices it with the "
+                "data when evaluating in chunks, data_kwargs=() passes it whole (e.g. a "
+                "parameter that happens to have N rows)"
+            )
+    return ()
 
-    return tuple(take(a) for a in args), {k: take(v) for k, v in kwargs.items()}
+
+def _slice_arguments(
+    args: tuple, kwargs: dict, length: int, index, data_kwargs: Sequence[str] = ()
+):
+    """``args`` and ``kwargs`` with the data (positional tensors, keywords named in
+    ``data_kwargs``) indexed along their first axis by ``index`` (a slice or index tensor);
+    every other argument unchanged."""
+
+    def take(value, description):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if value.dim() == 0 or value.shape[0] != length:
+            raise ValueError(f"{description} does not have the data's {length} rows")
+        return value[index]
+
+    sliced_args = tuple(take(a, f"positional argument {i}") for i, a in enumerate(args))
+    sliced_kwargs = {
+        k: take(v, f"keyword argument {k!r}") if k in data_kwargs else v for k, v in kwargs.items()
+    }
+    return sliced_args, sliced_kwargs
 
 
 def chunk_bounds(total: int, chunk: int) -> Iterator[tuple[int, int]]:
@@ -312,6 +571,7 @@ def particle_terms(
     max_pairs: int = 2**20,
     max_plate_nesting: int | None = None,
     progress: Callable[[int], None] | None = None,
+    data_kwargs: Sequence[str] | None = None,
     **kwargs,
 ) -> ParticleTerms:
     """Per-datapoint log densities for ``num_particles`` draws, in chunks over particles and data.
@@ -328,9 +588,13 @@ def particle_terms(
         Largest number of (particle, data point) pairs traced in one vectorized pass; bounds
         peak memory (roughly ``max_pairs`` times the memory of one data point's pass).
     max_plate_nesting : int, optional
-        Plate depth of the model; found by running it once when omitted.
+        Plate depth of the model; found by running it once when omitted (or ``inf``).
     progress : callable, optional
         Called with the number of data points finished after each data chunk.
+    data_kwargs : sequence of str, optional
+        Keyword arguments that hold per-datapoint data (sliced with the positional data when
+        chunking). Omitted: a keyword tensor with one row per data point is refused as
+        ambiguous; ``()`` passes every keyword argument whole. See the module docstring.
 
     Returns
     -------
@@ -341,16 +605,20 @@ def particle_terms(
         raise ValueError(f"num_particles (K) must be a positive integer, got {num_particles!r}")
     if max_pairs < 1:
         raise ValueError(f"max_pairs must be a positive integer, got {max_pairs!r}")
-    length = _batched_length(args, kwargs)
+    data_kwargs = check_data_kwargs(args, kwargs, data_kwargs)
+    length = _batched_length(args, kwargs, data_kwargs)
+    max_plate_nesting = resolve_plate_nesting(max_plate_nesting)
     if max_plate_nesting is None:
-        probe_args, probe_kwargs = _slice_arguments(args, kwargs, length, slice(0, 1))
+        probe_args, probe_kwargs = _slice_arguments(args, kwargs, length, slice(0, 1), data_kwargs)
         max_plate_nesting = guess_max_plate_nesting(model, guide, *probe_args, **probe_kwargs)
     data_chunk = max(1, min(length, max_pairs // num_particles))
     particle_chunk = max(1, min(num_particles, max_pairs // data_chunk))
     rows = []
     with torch.no_grad():
         for start, stop in chunk_bounds(length, data_chunk):
-            chunk_args, chunk_kwargs = _slice_arguments(args, kwargs, length, slice(start, stop))
+            chunk_args, chunk_kwargs = _slice_arguments(
+                args, kwargs, length, slice(start, stop), data_kwargs
+            )
             parts = [
                 trace_terms(
                     model,

@@ -52,7 +52,8 @@ TRACEABLE_EQUIVALENTS: dict[str, type[ParticleObjective]] = {
     "trace_meanfield_elbo": AnnealedMeanFieldELBO,
 }
 """Pyro ELBOs and the pyrovae objectives with the same value and gradient (reparameterized
-guides) that compiled training steps use in their place (Pyro's read host values per step)."""
+guides; ``poutine.scale`` and subsampled plates included) that compiled training steps use in
+their place (Pyro's read host values per step)."""
 
 ANALYTIC_KL_OBJECTIVES = frozenset({"trace_meanfield_elbo", "annealed_meanfield_elbo"})
 
@@ -73,7 +74,7 @@ __all__ = [
 def make_objective(
     name: str,
     num_particles: int = 1,
-    max_plate_nesting: int = 1,
+    max_plate_nesting: int | float | None = 1,
     traceable: bool = False,
     **options,
 ) -> pyro.infer.ELBO:
@@ -86,8 +87,10 @@ def make_objective(
     num_particles : int
         Samples of the latent variables per data point, drawn in one vectorized pass
         (K of IWAE_K).
-    max_plate_nesting : int
-        Number of nested plates in the model (1 for a plate over data points).
+    max_plate_nesting : int, float or None
+        Number of nested plates in the model (1 for a plate over data points); ``None`` or
+        ``float('inf')`` guesses it from a first run of model and guide (Pyro's ELBOs draw
+        from the guide for that guess; pyrovae's objectives do not).
     traceable : bool
         Replace Pyro's ELBOs by their equivalents in :data:`TRACEABLE_EQUIVALENTS`.
     **options
@@ -105,6 +108,8 @@ def make_objective(
         )
     arguments = {accepted[option]: value for option, value in options.items()}
     cls = TRACEABLE_EQUIVALENTS.get(name, OBJECTIVES[name]) if traceable else OBJECTIVES[name]
+    if max_plate_nesting is None:
+        max_plate_nesting = float("inf")
     if issubclass(cls, ParticleObjective):
         return cls(num_particles=num_particles, max_plate_nesting=max_plate_nesting, **arguments)
     return cls(

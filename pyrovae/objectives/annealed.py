@@ -25,7 +25,19 @@ class AnnealedMeanFieldELBO(ParticleObjective):
         below lambda are not pushed further towards the prior. 0 disables it. The term is
         the same for every data point of the minibatch, so with beta = 1 the objective is
         a bound for the minibatch average, not for each point.
+    data_plate : str
+        Name of the plate over data points.
+    **options
+        Pyro's ELBO arguments (``max_plate_nesting``, ``vectorize_particles``, ...), see
+        :class:`ParticleObjective`.
+
+    With ``beta=1``, no warm-up and no free bits its value and gradient equal Pyro's
+    ``TraceMeanField_ELBO`` on the same draws, scales included (each KL takes its guide
+    site's scale and mask, as Pyro's does); it is linear in the site terms, so
+    site-specific scales are allowed.
     """
+
+    linear = True
 
     def __init__(
         self,
@@ -33,8 +45,9 @@ class AnnealedMeanFieldELBO(ParticleObjective):
         beta: float = 1.0,
         warmup_epochs: int = 0,
         free_bits: float = 0.0,
+        *,
         data_plate: str = "data",
-        max_plate_nesting: int | None = None,
+        **options,
     ):
         if not beta >= 0:
             raise ValueError(f"beta must be non-negative, got {beta!r}")
@@ -46,7 +59,7 @@ class AnnealedMeanFieldELBO(ParticleObjective):
             raise ValueError(f"warmup_epochs must be a non-negative integer, got {warmup_epochs!r}")
         if not free_bits >= 0:
             raise ValueError(f"free_bits must be non-negative, got {free_bits!r}")
-        super().__init__(num_particles, data_plate, max_plate_nesting)
+        super().__init__(num_particles, data_plate=data_plate, **options)
         self.beta, self.warmup_epochs, self.free_bits = float(beta), warmup_epochs, float(free_bits)
         self.kl_weight = self.beta if warmup_epochs == 0 else 0.0
 

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from pyrovae.objectives.base import ParticleObjective, score_free
+from pyrovae.evaluation.traces import reduce_terms
+from pyrovae.objectives.base import ParticleObjective
 
 
 class DReGIWAE(ParticleObjective):
@@ -15,32 +16,46 @@ class DReGIWAE(ParticleObjective):
     With normalized weights w~_k = w_k / sum_j w_j:
 
     * model parameters theta: sum_k w~_k d/dtheta log w_k (the ordinary IWAE gradient);
-    * guide parameters phi: sum_k w~_k^2 (d log w_k / d z_k) (d z_k / d phi), the path term
-      alone, weighted by the squared normalized weights; unbiased for the IWAE gradient.
-      Empirically (Tucker et al.; ``experiments/gradient_snr.py``) its signal-to-noise ratio
-      does not fall with K as the IWAE guide gradient's does; that is not a derived property.
+    * guide parameters phi: sum_k w~_k^2 d/dphi log w_k|path, where |path differentiates
+      log w_k = log p(x, z_k) - log q_phi(z_k) through the reparameterized draws z_k only
+      (phi held fixed in log q; through q(z2 | z1)'s dependence on z1 too); unbiased for
+      the IWAE gradient. Empirically (Tucker et al.; ``experiments/gradient_snr.py``) its
+      signal-to-noise ratio does not fall with K as the IWAE guide gradient's does; that is
+      not a derived property.
 
-    Both come from one backward pass: the surrogate is sum_k sg(w~_k) log w_k with the score
-    term removed, and a gradient hook multiplies the gradient reaching each draw z_k by
-    sg(w~_k) (sg: stop-gradient), so the guide sees w~_k^2 while the model sees w~_k.
+    One backward pass gives both, each draw's weight applied once: the surrogate is
+    sum_k sg(w~_k) log p(x, z'_k) - sum_k sg(w~_k^2) log q(z_k)|path, where the model is
+    replayed on aliases z'_k of the draws whose gradient hooks multiply what reaches them
+    by sg(w~_k) (sg: stop-gradient). The model's parameters see w~_k, the draws (and through
+    them the guide) w~_k^2 from the model's side; the log q side carries w~_k^2 itself. The
+    value is the IWAE_K bound. Takes :class:`ParticleObjective`'s (Pyro's) arguments.
     """
 
+    alias_latents = True
+
     def surrogate(self, traces) -> torch.Tensor:
-        log_weights = self.log_weights(traces)
+        terms = reduce_terms(traces, with_kl=False)
+        log_weights = terms.log_weights
         normalized = torch.softmax(log_weights.detach(), dim=0)
-        self._scale_draw_gradients(traces, normalized)
-        path_only = score_free(log_weights, traces)
+        self._scale_model_draw_gradients(traces, normalized)
+        log_q = terms.log_q
+        score = traces.guide_score_density()
+        if score is not None:
+            log_q = log_q - score + score.detach()  # path terms of log q only
+        surrogate = (normalized * (terms.log_p_obs + terms.log_p_latent)).sum(0)
+        surrogate = surrogate - (normalized.square() * log_q).sum(0)
         bound = torch.logsumexp(log_weights.detach(), 0) - math.log(log_weights.shape[0])
-        return (normalized * (path_only - path_only.detach())).sum(0) + bound
+        return surrogate - surrogate.detach() + bound
 
     @staticmethod
-    def _scale_draw_gradients(traces, normalized: torch.Tensor) -> None:
+    def _scale_model_draw_gradients(traces, normalized: torch.Tensor) -> None:
+        """Multiply the gradient reaching the model's alias of each draw z_k by sg(w~_k)."""
         for name in traces.latent_names:
-            site = traces.guide_sites[name]
+            site = traces.model_sites[name]
             value = site["value"]
             if not value.requires_grad:
                 continue
             shape = [1] * value.dim()
-            shape[0], shape[traces.data_axis(site)] = normalized.shape
+            shape[0], shape[traces.data_axis(traces.guide_sites[name])] = normalized.shape
             factor = normalized.reshape(shape)
             value.register_hook(lambda grad, factor=factor: grad * factor)

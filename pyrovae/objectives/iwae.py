@@ -13,7 +13,8 @@ class IWAE(ParticleObjective):
     """IWAE_K = log (1/K) sum_k p(x, z_k) / q(z_k | x) per data point, with the ordinary
     reparameterized gradient: sum_k w~_k d/dtheta,phi log w_k, w~ the normalized weights.
 
-    IWAE_1 is the ELBO; IWAE_K increases with K towards log p(x).
+    IWAE_1 is the ELBO; IWAE_K increases with K towards log p(x). Takes
+    :class:`ParticleObjective`'s (Pyro's) arguments.
     """
 
     def surrogate(self, traces) -> torch.Tensor:

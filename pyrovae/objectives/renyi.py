@@ -21,14 +21,26 @@ class RenyiBound(ParticleObjective):
     ----------
     alpha : float
         Rényi order, ``alpha >= 0`` and ``alpha != 1``.
+    num_particles, max_plate_nesting, max_iarange_nesting, vectorize_particles, \
+strict_enumeration_warning
+        As Pyro's ``RenyiELBO``, in its order; see :class:`ParticleObjective`.
+    data_plate : str
+        Name of the plate over data points.
+    **options
+        Pyro's other ELBO arguments (see :class:`ParticleObjective`).
     """
 
     def __init__(
         self,
         alpha: float = 0.5,
         num_particles: int = 2,
+        max_plate_nesting: int | float | None = float("inf"),
+        max_iarange_nesting: int | None = None,
+        vectorize_particles: bool = True,
+        strict_enumeration_warning: bool = True,
+        *,
         data_plate: str = "data",
-        max_plate_nesting: int | None = None,
+        **options,
     ):
         if (
             isinstance(alpha, bool)
@@ -39,7 +51,15 @@ class RenyiBound(ParticleObjective):
             raise ValueError(
                 f"alpha must be >= 0 and != 1 (alpha = 1 is trace_elbo), got {alpha!r}"
             )
-        super().__init__(num_particles, data_plate, max_plate_nesting)
+        super().__init__(
+            num_particles,
+            max_plate_nesting,
+            max_iarange_nesting,
+            vectorize_particles,
+            strict_enumeration_warning,
+            data_plate=data_plate,
+            **options,
+        )
         self.alpha = float(alpha)
 
     def surrogate(self, traces) -> torch.Tensor:
