@@ -284,6 +284,9 @@ class LatentVariableModel(nn.Module):
         max_pairs: int = 2**20,
         latent_diagnostics: bool = True,
         progress: bool = False,
+        memory_budget: int | None = None,
+        drop_large_ks: bool = False,
+        float64_fallback: bool = True,
     ):
         """Importance-sampled log-likelihood, ELBOs and IWAE_k bounds per data point (see
         :func:`pyrovae.evaluation.importance.evaluate`)."""
@@ -295,6 +298,9 @@ class LatentVariableModel(nn.Module):
             max_pairs=max_pairs,
             latent_diagnostics=latent_diagnostics,
             progress=progress,
+            memory_budget=memory_budget,
+            drop_large_ks=drop_large_ks,
+            float64_fallback=float64_fallback,
         )
 
     # -- files -------------------------------------------------------------------------

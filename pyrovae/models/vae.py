@@ -21,8 +21,9 @@ from pyrovae.networks import MLP, ConvDecoder, ConvEncoder
 from pyrovae.objectives import ANALYTIC_KL_OBJECTIVES
 from pyrovae.posteriors import POSTERIORS, Posterior, posterior_moments
 from pyrovae.priors import PRIORS, MixturePrior, Prior, VampPrior
+from pyrovae.randomness import check_seed
 from pyrovae.training import resolve_device
-from pyrovae.validation import check_data
+from pyrovae.validation import check_data, positive_int
 
 DATA_PLATE = "data"
 """Name of the plate over data points, shared by the model and the guide."""
@@ -189,15 +190,16 @@ class VAE(LatentVariableModel):
             raise TypeError("pass either a VAEConfig or keyword options, not both")
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
-                torch.manual_seed(seed)
+                torch.manual_seed(check_seed(seed))
             model, guide = build_model_and_guide(config)
         super().__init__(model, guide, DATA_PLATE)
         self.config = config
 
     def check_data(self, x, name: str = "data") -> torch.Tensor:
         """Validate x (shape, finiteness, likelihood support) and move it to the model's device."""
-        tensor = check_data(x, self.config.num_features, self.model.likelihood, name)
-        return tensor.to(device=self.device, dtype=next(self.parameters()).dtype)
+        dtype = next(self.parameters()).dtype
+        tensor = check_data(x, self.config.num_features, self.model.likelihood, name, dtype)
+        return tensor.to(device=self.device, dtype=dtype)
 
     def inputs(self, x, condition=None, name: str = "data") -> tuple[torch.Tensor, ...]:
         """The model's arguments: validated ``(x,)`` or, for a conditional VAE, ``(x, y)``."""
@@ -246,7 +248,9 @@ class VAE(LatentVariableModel):
                 f"this conditional VAE needs a condition of width "
                 f"{self.config.condition_dim} for every data point"
             )
-        condition = check_data(condition, self.config.condition_dim, None, f"{name} condition")
+        condition = check_data(
+            condition, self.config.condition_dim, None, f"{name} condition", data.dtype
+        )
         if condition.shape[0] != data.shape[0]:
             raise ValueError(
                 f"{name} has {data.shape[0]} data points but its condition has "
@@ -293,12 +297,11 @@ class VAE(LatentVariableModel):
         observations : torch.Tensor
             One draw x ~ p(x|z) per z, shape (num_samples, D).
         """
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        num_samples = positive_int(num_samples, "num_samples")
         if bool(self.config.condition_dim) != (condition is not None):
             raise ValueError("pass a condition exactly when the model is conditional")
         if seed is not None:
-            pyro.set_rng_seed(seed)
+            pyro.set_rng_seed(check_seed(seed))
         return self.model.generate(num_samples, self._condition(condition, num_samples))
 
     def elbo(
@@ -339,6 +342,9 @@ class VAE(LatentVariableModel):
         max_pairs: int = 2**20,
         latent_diagnostics: bool = True,
         progress: bool = False,
+        memory_budget: int | None = None,
+        drop_large_ks: bool = False,
+        float64_fallback: bool = True,
         *,
         condition=None,
     ):
@@ -359,6 +365,9 @@ class VAE(LatentVariableModel):
             seed=seed,
             latent_diagnostics=latent_diagnostics,
             progress=progress,
+            memory_budget=memory_budget,
+            drop_large_ks=drop_large_ks,
+            float64_fallback=float64_fallback,
         )
 
     def payload(
@@ -379,11 +388,14 @@ class VAE(LatentVariableModel):
             )
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VAE:  # type: ignore[override]
+    def load(  # type: ignore[override]
+        cls, path: str | Path, device: str | torch.device = "cpu", allow_nonfinite: bool = False
+    ) -> VAE:
         """Load a model saved by :meth:`save`; never executes code from the file. The
-        optimizer and resume state come along: saving it again writes them back."""
+        optimizer and resume state come along: saving it again writes them back. NaN or
+        infinite parameters are refused unless ``allow_nonfinite``."""
         device = resolve_device(device)
-        payload = read_checkpoint(path, device=device)
+        payload = read_checkpoint(path, device=device, allow_nonfinite=allow_nonfinite)
         try:
             vae = cls(VAEConfig.from_dict(payload["config"]))
             vae.load_state_dict(payload["model_state"])
