@@ -133,8 +133,8 @@ print(f"parameters in Pyro's global param store: {len(pyro.get_param_store())}")
 
 # -- 5. Evaluate: importance-sampled bounds per data point --------------------------------------
 # evaluate() traces the same model and guide, with K draws per data point. Extra arguments
-# (here the covariates) are passed on to both; tensors whose first axis is the data axis are
-# split into chunks with the data.
+# (here the covariates) are passed on to both; positional tensors are the per-datapoint data
+# and are split into chunks with it (keyword arguments only when named in data_kwargs=).
 # max_pairs fixes the blocks of data points (max_pairs // K each) whose draws are seeded from
 # `seed` and the block's index, so the output does not depend on the machine's memory.
 result = evaluate(

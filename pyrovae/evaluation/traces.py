@@ -343,10 +343,15 @@ class ParticleTraces:
         rebuilt from detached upstream draws (q(z2 | z1) from a constant z1): the gradient is
         the score term d/dphi log q_phi(z) at fixed z alone, and subtracting it from log q
         leaves exactly the path terms, those through q(z2 | z1)'s dependence on z1 included.
-        Runs the guide once more (it must be deterministic given its draws).
+        With several latent sites this runs the guide once more (it must be deterministic
+        given its draws); with one, whose distribution depends on no other draw, the traced
+        distribution is evaluated at the detached draw instead (the same number, no rerun).
         """
         if not self.latent_names:
             return None
+        if len(self.latent_names) == 1:
+            site = self.guide_sites[self.latent_names[0]]
+            return self.per_datapoint(site["fn"].log_prob(site["value"].detach()), site, "guide")
         if self.guide is None:
             raise ValueError("guide_score_density needs the guide: build the traces by run_traces")
         particle_dim = -(self.max_plate_nesting + 1)

@@ -16,19 +16,20 @@ class DReGIWAE(ParticleObjective):
     With normalized weights w~_k = w_k / sum_j w_j:
 
     * model parameters theta: sum_k w~_k d/dtheta log w_k (the ordinary IWAE gradient);
-    * guide parameters phi: sum_k w~_k^2 d/dphi log w_k|path, where |path differentiates
-      log w_k = log p(x, z_k) - log q_phi(z_k) through the reparameterized draws z_k only
+    * guide parameters phi: sum_k w~_k^2 times the path derivative of
+      log w_k = log p(x, z_k) - log q_phi(z_k): its derivative through the draws z_k only
       (phi held fixed in log q; through q(z2 | z1)'s dependence on z1 too); unbiased for
       the IWAE gradient. Empirically (Tucker et al.; ``experiments/gradient_snr.py``) its
       signal-to-noise ratio does not fall with K as the IWAE guide gradient's does; that is
       not a derived property.
 
     One backward pass gives both, each draw's weight applied once: the surrogate is
-    sum_k sg(w~_k) log p(x, z'_k) - sum_k sg(w~_k^2) log q(z_k)|path, where the model is
-    replayed on aliases z'_k of the draws whose gradient hooks multiply what reaches them
-    by sg(w~_k) (sg: stop-gradient). The model's parameters see w~_k, the draws (and through
-    them the guide) w~_k^2 from the model's side; the log q side carries w~_k^2 itself. The
-    value is the IWAE_K bound. Takes :class:`ParticleObjective`'s (Pyro's) arguments.
+    sum_k sg(w~_k) log p(x, z'_k) - sum_k sg(w~_k^2) [log q(z_k), path terms only], where the
+    model is replayed on aliases z'_k of the draws whose gradient hooks multiply what reaches
+    them by sg(w~_k) (sg: stop-gradient). The model's parameters see w~_k, the draws (and
+    through them the guide) w~_k^2 from the model's side; the log q side carries w~_k^2
+    itself. The value is the IWAE_K bound. Takes :class:`ParticleObjective`'s (Pyro's)
+    arguments.
     """
 
     alias_latents = True

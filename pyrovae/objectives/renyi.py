@@ -21,9 +21,10 @@ class RenyiBound(ParticleObjective):
     ----------
     alpha : float
         Rényi order, ``alpha >= 0`` and ``alpha != 1``.
-    num_particles, max_plate_nesting, max_iarange_nesting, vectorize_particles, \
-strict_enumeration_warning
-        As Pyro's ``RenyiELBO``, in its order; see :class:`ParticleObjective`.
+    num_particles : int
+        K, draws per data point (vectorized).
+    max_plate_nesting, max_iarange_nesting, vectorize_particles, strict_enumeration_warning
+        As Pyro's ``RenyiELBO`` (same order); see :class:`ParticleObjective`.
     data_plate : str
         Name of the plate over data points.
     **options
