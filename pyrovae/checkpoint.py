@@ -389,10 +389,18 @@ def _check_legacy_archive(data: bytes, path: Path) -> None:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             damaged = archive.testzip()
+            members = archive.infolist()
     except Exception as error:  # noqa: BLE001 - any failure of a damaged archive
         raise CheckpointError(f"{corrupt} (not a complete archive: {_describe(error)})") from error
     if damaged is not None:
         raise CheckpointError(f"{corrupt}: archive member {damaged!r} fails its CRC-32 check")
+    for member in members:
+        # torch's reader skips members marked as directories (MS-DOS attribute 0x10) and
+        # returns uninitialised memory for their tensors; torch.save never writes one.
+        if member.external_attr & 0x10 or member.is_dir() or member.compress_type != 0:
+            raise CheckpointError(
+                f"{corrupt}: archive member {member.filename!r} has damaged attributes"
+            )
 
 
 def _unpickle(body: bytes, path: Path, device: torch.device):
