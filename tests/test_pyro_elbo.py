@@ -491,3 +491,88 @@ def test_make_objective_guesses_the_nesting_when_asked(float64):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assert math.isfinite(objective.loss(model, guide, *args))
+
+
+@pytest.mark.slow
+def test_inductor_step_equals_pyros_trace_elbo_under_scales(float64):
+    """The same through torch.compile (inductor; random draws from torch's generator):
+    equal to Pyro's eager Trace_ELBO up to the reordering of float64 sums."""
+    import torch._inductor.config
+
+    model, guide, args = problem("all_three")
+    objective = make_objective("trace_elbo", K, max_plate_nesting=2, traceable=True)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = CompiledStep(objective(model, guide), backend="inductor")
+        pyro.set_rng_seed(3)
+        loss = compiled(*args)
+    grads = [p.grad.clone() for p in compiled.parameters]
+    pyros = pyro.infer.Trace_ELBO(num_particles=K, vectorize_particles=True, max_plate_nesting=2)
+    theirs = seeded(pyros, model, guide, args, 3)
+    count = args[0].shape[0]
+    expected = torch.autograd.grad(theirs / count, list(compiled.parameters))
+    close(loss * count, theirs, rtol=1e-8)
+    for mine, reference in zip(grads, expected, strict=True):
+        close(mine, reference, rtol=1e-8)
+
+
+def test_tensor_scales(float64):
+    """poutine.scale with a 0-dim tensor is a common scale like a number; a tensor with one
+    entry per data point is a site-wise weight: the ELBO objectives follow Trace_ELBO, the
+    log-sum-exp bounds refuse it."""
+    _, _, args = problem("inner_subsample")
+    for scale in (torch.tensor(0.1), torch.tensor([0.5, 1.0, 2.0, 1.5, 0.2, 3.0])):
+        model, guide = PlatedModel(scale), PlatedGuide(scale)
+        pyros = pyro.infer.Trace_ELBO(
+            num_particles=K, vectorize_particles=True, max_plate_nesting=2
+        )
+        theirs = seeded(pyros, model, guide, args, 6)
+        for name in sorted(CLASSES):
+            objective = CLASSES[name](
+                num_particles=1 if name not in LINEAR else K, max_plate_nesting=2
+            )
+            if scale.dim() and name not in LINEAR:
+                with pytest.raises(ValueError, match=r"tensor of shape \(6,\).*one common scale"):
+                    seeded(objective, model, guide, args, 6)
+            elif name in LINEAR and name != "annealed":
+                close(seeded(objective, model, guide, args, 6), theirs)
+            elif name != "annealed":  # one particle: the ELBO of the first of Pyro's draws
+                single = pyro.infer.Trace_ELBO(max_plate_nesting=2)
+                close(
+                    seeded(objective, model, guide, args, 6), seeded(single, model, guide, args, 6)
+                )
+
+
+def test_evaluation_terms_are_per_data_point_whatever_the_common_scale(float64):
+    """particle_terms (evaluation) applies the inner plates' scales and leaves the common
+    factor out: poutine.scale does not change per-datapoint bounds; site-specific scales are
+    refused (no per-datapoint log p(x) exists for a tempered model)."""
+    from pyrovae.evaluation.traces import particle_terms
+
+    _, _, args = problem("inner_subsample")
+    x, data_index, feature_index = args
+    results = []
+    for scale in (1.0, 0.1):
+        model, guide = PlatedModel(scale), PlatedGuide(scale)
+        pyro.set_rng_seed(4)
+        indices = {"data_index": data_index, "feature_index": feature_index}
+        results.append(
+            particle_terms(
+                model, guide, x, num_particles=K, max_plate_nesting=2, data_kwargs=(), **indices
+            )
+        )
+    close(results[0].log_weights, results[1].log_weights)
+    z, u = draws(PlatedGuide(), args, K, seed=4)
+    with torch.no_grad():
+        expected = hand_log_weights(PlatedModel(), PlatedGuide(), args, z, u, inner=2.0)
+    close(results[0].log_weights, expected)
+    tempered = PlatedModel(site_scales={"y": 0.5})
+    with pytest.raises(ValueError, match="one common scale"):
+        particle_terms(
+            tempered,
+            PlatedGuide(),
+            x,
+            num_particles=K,
+            max_plate_nesting=2,
+            data_kwargs=(),
+            **indices,
+        )

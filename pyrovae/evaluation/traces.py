@@ -188,11 +188,14 @@ def common_outer_scale(sites: Sequence[dict], data_plate: str):
 
 
 def _scale_description(sites: dict[str, dict]) -> str:
-    return ", ".join(
-        f"{name!r}: {float(site['scale']):g}"
-        for name, site in sites.items()
-        if not isinstance(site["scale"], torch.Tensor) or site["scale"].numel() == 1
-    )
+    parts = []
+    for name, site in sites.items():
+        scale = site["scale"]
+        if isinstance(scale, torch.Tensor) and scale.numel() != 1:
+            parts.append(f"{name}: tensor of shape {tuple(scale.shape)}")
+        else:
+            parts.append(f"{name}: {float(scale):g}")
+    return ", ".join(parts)
 
 
 def _aliased(trace):
@@ -300,8 +303,9 @@ class ParticleTraces:
         if self.site_scales:
             return 1.0, True
         raise ValueError(
-            "the sites' scales (poutine.scale times plate subsampling scales) differ by more "
-            f"than their inner plates' subsampling: {_scale_description(sites)}; a bound with "
+            "the sites' scales (poutine.scale times plate subsampling scales) share no common "
+            "factor beyond their inner plates' subsampling scales (site scales: "
+            f"{_scale_description(sites)}); a bound with "
             "a log-sum-exp over draws (IWAE, Rényi, DReG, log p(x) estimates) needs one common "
             "scale per data point (poutine.scale around the whole model and guide); the ELBO "
             "objectives (trace_elbo, stl, trace_meanfield_elbo) take site-specific scales"
