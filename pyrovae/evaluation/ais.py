@@ -26,7 +26,7 @@ make it trustworthy for a given model.
 All values are in nats per data point, float64; higher log-likelihoods are better.
 
 Implementation. The chains live in the unconstrained space of each latent site
-(``biject_to(support)``, with log |det dz/du| in both densities), all sites of a data point
+(``biject_to(support)``, with ``log |det dz/du|`` in both densities), all sites of a data point
 flattened into one vector of D coordinates. Densities come from tracing the model and the
 guide conditioned on the latent values under a vectorized plate over chains (the same
 per-datapoint reduction as :mod:`pyrovae.evaluation.traces`), gradients from
@@ -268,7 +268,7 @@ class AnnealingTarget:
         return torch.cat(parts, -1)
 
     def unflatten(self, position: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Flat u of shape (C, N, D) to latent values and log |det dz/du|, shape (C, N)."""
+        """Flat u of shape (C, N, D) to latent values and ``log |det dz/du|``, shape (C, N)."""
         num_chains = position.shape[0]
         values, log_det, offset = {}, 0.0, 0
         for layout in self.layouts:

@@ -8,14 +8,14 @@ inverse temperature beta in [0, 1] is the geometric path of Neal (2001)
     log pi_beta(u) = (1 - beta) log r(u) + beta log p(x, u) + const,
 
 with r the starting density (the guide q(z|x) or the prior p(z)) and both densities taken in
-the unconstrained space (each includes log |det dz/du|). :class:`PathState` caches the two
+the unconstrained space (each includes ``log |det dz/du|``). :class:`PathState` caches the two
 log densities and their gradients at a state, so the density and gradient at *any* beta are
 linear combinations and one gradient evaluation serves two consecutive temperatures.
 
 One transition (:func:`hmc_transition`) draws a momentum p ~ N(0, I_D), runs
 ``num_leapfrog`` leapfrog steps of size ``step_size[n]`` (one step size per data point,
 shared by its chains) and accepts by Metropolis-Hastings on H(u, p) = -log pi_beta(u) +
-|p|^2 / 2, so it leaves pi_beta exactly invariant for any fixed step size and number of
+``|p|^2 / 2``, so it leaves pi_beta exactly invariant for any fixed step size and number of
 steps (Neal, 2011). Proposals with a non-finite energy are rejected.
 
 References
@@ -45,7 +45,7 @@ class PathState:
     log_ref : torch.Tensor of shape (C, N)
         log r(z(u)) in nats, the starting density (guide or prior; no Jacobian).
     log_det : torch.Tensor of shape (C, N)
-        log |det dz/du| in nats.
+        ``log |det dz/du|`` in nats.
     grad_joint, grad_ref : torch.Tensor of shape (C, N, D)
         Gradients in u of ``log_joint + log_det`` and ``log_ref + log_det``.
     """
@@ -97,7 +97,7 @@ def leapfrog(
     step_size: torch.Tensor,
     num_leapfrog: int,
 ) -> tuple[PathState, torch.Tensor]:
-    """Integrate Hamilton's equations for H = -log pi_beta(u) + |p|^2 / 2 (identity mass).
+    """Integrate Hamilton's equations for ``H = -log pi_beta(u) + |p|^2 / 2`` (identity mass).
 
     Uses ``num_leapfrog`` gradient evaluations (the gradient at the start is cached).
 

@@ -28,7 +28,7 @@ evaluation by counting every tensor the traced model and guide allocate for one 
 (:func:`bytes_per_pair`). The latent diagnostics obey the same number of pairs.
 
 Precision: where a float32 model's log weights are so large that float32 rounding (spacing
-eps * |log w|) is not small against their spread over the K draws, the block is computed again
+``eps * |log w|``) is not small against their spread over the K draws, the block is computed again
 from a float64 copy of the model and guide (``result.float64_points`` marks them); where
 even float64 cannot resolve them, evaluation stops with an error instead of reporting
 rounded-away weights as equal (ESS = K, k-hat = -inf, gap 0).
@@ -305,7 +305,7 @@ def _khat(log_weights) -> np.ndarray:
 
 def rounding_error(terms) -> torch.Tensor:
     """Rounding error of each data point's log weights, in nats, shape (N,): the spacing
-    eps * max_k(|log p(x|z_k)| + |log p(z_k)| + |log q(z_k|x)|) of the terms' dtype (a lower
+    ``eps * max_k(|log p(x|z_k)| + |log p(z_k)| + |log q(z_k|x)|)`` of the terms' dtype (a lower
     bound: rounding inside the model can only add to it)."""
     magnitude = terms.log_p_obs.abs() + terms.log_p_latent.abs() + terms.log_q.abs()
     eps = torch.finfo(terms.log_p_obs.dtype).eps
