@@ -347,3 +347,83 @@ def test_loading_onto_unavailable_cuda_is_not_reported_as_corruption(saved):
     with pytest.raises(ValueError, match="CUDA") as caught:
         VAE.load(saved, device="cuda")
     assert "corrupt" not in str(caught.value)
+
+
+# --------------------------------------------------------------------------- issue 17
+
+
+def test_model_files_start_with_a_checksummed_header(saved):
+    data = saved.read_bytes()
+    header, _, body = data.partition(b"\n")
+    version, length, digest = header.decode().removeprefix("pyrovae-model ").split(" ")
+    assert int(version) == FORMAT_VERSION and int(length) == len(body)
+    assert body.startswith(b"PK\x03\x04")  # the torch.save archive follows the header
+    import hashlib
+
+    expected = hashlib.sha256(f"pyrovae-model {version} {length}\n".encode() + body)
+    assert digest == f"sha256={expected.hexdigest()}"
+
+
+def test_non_finite_parameters_are_refused_unless_allowed(trained, tmp_path):
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.fill_(float("nan"))
+    path = trained.save(tmp_path / "diverged.pt")
+    pattern = (
+        r"model file .*diverged\.pt holds non-finite values \(\d+ of \d+ in parameter '.+' and "
+        r"\d+ more tensor\(s\)\), e\.g\. from a diverged run; pass allow_nonfinite=True"
+    )
+    with pytest.raises(CheckpointError, match=pattern):
+        VAE.load(path)
+    with pytest.raises(CheckpointError, match=pattern):
+        VAE(CONFIG).load_state(path)
+    loaded = VAE.load(path, allow_nonfinite=True)
+    assert all(bool(torch.isnan(p).all()) for p in loaded.parameters())
+    assert all(bool(torch.isnan(p).all()) for p in VAE(CONFIG).load_state(path, True).parameters())
+
+
+def test_non_finite_optimizer_moments_are_refused(saved, tmp_path):
+    from pyrovae.checkpoint import write_checkpoint
+
+    payload = read_checkpoint(saved)
+    payload["optimizer_state"]["state"][3]["exp_avg_sq"][0] = float("inf")
+    path = write_checkpoint(payload, tmp_path / "moments.pt")
+    with pytest.raises(CheckpointError, match=r"1 of \d+ in optimizer exp_avg_sq of parameter 3"):
+        VAE.load(path)
+
+
+def test_resuming_from_non_finite_parameters_is_refused_before_any_change(digits, tmp_path):
+    path = tmp_path / "model.pt"
+    options = dict(binarize="dynamic", batch_size=64, seed=3, progress=False, compile="none")
+    torch.manual_seed(0)
+    VAE(CONFIG).fit(digits.train[:128], checkpoint_path=path, epochs=1, **options)
+    payload = read_checkpoint(path)
+    first = next(iter(payload["model_state"]))
+    payload["model_state"][first][...] = float("nan")
+    from pyrovae.checkpoint import write_checkpoint
+
+    write_checkpoint(payload, path)
+    vae = VAE(CONFIG, seed=1)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    with pytest.raises(CheckpointError, match="non-finite values"):
+        vae.fit(digits.train[:128], checkpoint_path=path, resume=True, epochs=2, **options)
+    assert all(torch.equal(vae.state_dict()[k], v) for k, v in before.items())
+    assert vae.history_ is None
+
+
+def test_legacy_payloads_of_the_wrong_shape_are_corrupt_not_a_crash(saved, tmp_path):
+    """Format 1 files have no checksum: a damaged pickle can give any Python structure.
+    Entries of the wrong type are refused as corrupt instead of failing later with an
+    AttributeError or TypeError."""
+    payload = raw_payload(saved)
+    for key, value in [
+        ("model_state", [1, 2]),
+        ("history", [1]),
+        ("optimizer_state", {"state": 3}),
+        ("metadata", "x"),
+        ("model_state", {5: torch.zeros(1)}),
+    ]:
+        path = tmp_path / "odd.pt"
+        torch.save({**payload, key: value}, path)
+        with pytest.raises(CheckpointError, match=r"odd\.pt is corrupt or invalid"):
+            VAE.load(path)
