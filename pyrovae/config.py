@@ -13,6 +13,8 @@ from typing_extensions import Self
 
 from pyrovae.likelihoods import LIKELIHOODS
 from pyrovae.networks import ACTIVATIONS
+from pyrovae.randomness import check_seed
+from pyrovae.validation import normalize_config
 
 _Config = TypeVar("_Config", bound="_DictConfig")
 
@@ -30,6 +32,19 @@ def _require_positive_int(field: str, value: Any) -> None:
 def _require_positive_float(field: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{field} must be a positive number, got {value!r}")
+
+
+def _check_device_name(name: str) -> None:
+    """``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (availability is checked by
+    :func:`pyrovae.training.resolve_device` when fitting)."""
+    import torch
+
+    try:
+        kind = None if name == "auto" else torch.device(name).type
+    except (RuntimeError, TypeError, ValueError):
+        kind = "invalid"
+    if kind not in (None, "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
 
 
 class _DictConfig:
@@ -113,6 +128,7 @@ class VAEConfig(_DictConfig):
     top_hidden_sizes: tuple[int, ...] = (100, 100)
 
     def __post_init__(self):
+        normalize_config(self)  # NumPy scalars and arrays accepted; floats finite
         _require_positive_int("num_features", self.num_features)
         _require_positive_int("latent_dim", self.latent_dim)
         object.__setattr__(self, "hidden_sizes", tuple(self.hidden_sizes))
@@ -147,6 +163,8 @@ class VAEConfig(_DictConfig):
                 f"condition_dim must be a non-negative integer, got {self.condition_dim!r}"
             )
         object.__setattr__(self, "top_hidden_sizes", tuple(self.top_hidden_sizes))
+        for size in self.top_hidden_sizes:
+            _require_positive_int("each top hidden size", size)
         conflicts = self._conflicts()
         if conflicts:
             raise ValueError("invalid model specification: " + "; ".join(conflicts))
@@ -275,6 +293,7 @@ class TrainConfig(_DictConfig):
     def __post_init__(self):
         from pyrovae.objectives import OBJECTIVES
 
+        normalize_config(self)  # NumPy scalars accepted; strings, booleans, finite floats
         _require_choice("objective", self.objective, OBJECTIVES)
         _require_choice("binarize", self.binarize, ("none", "static", "dynamic"))
         _require_positive_int("num_particles", self.num_particles)
@@ -283,8 +302,8 @@ class TrainConfig(_DictConfig):
         _require_positive_float("learning_rate", self.learning_rate)
         if self.clip_norm is not None:
             _require_positive_float("clip_norm", self.clip_norm)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        object.__setattr__(self, "seed", check_seed(self.seed))  # before anything reseeds
+        _check_device_name(self.device)
         _require_positive_int("checkpoint_every", self.checkpoint_every)
         _require_choice("on_nonfinite", self.on_nonfinite, ("raise", "rollback"))
         if not 0 < self.rollback_factor < 1:
