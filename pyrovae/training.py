@@ -240,7 +240,11 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
         mode = "none"
     if mode == "auto":
         objective = make_objective(
-            config.objective, config.num_particles, traceable=True, **options
+            config.objective,
+            config.num_particles,
+            max_plate_nesting=vae.max_plate_nesting,
+            traceable=True,
+            **options,
         )
         eager = objective(vae.model, vae.guide)
         step = CompiledStep(eager, backend="graph")
@@ -256,7 +260,11 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
         mode = "none"
     compiled = mode != "none"
     objective = make_objective(
-        config.objective, config.num_particles, traceable=compiled, **options
+        config.objective,
+        config.num_particles,
+        max_plate_nesting=vae.max_plate_nesting,
+        traceable=compiled,
+        **options,
     )
     loss_module = objective(vae.model, vae.guide)
     if compiled:

@@ -399,3 +399,24 @@ def test_methods_of_one_module_train_identically_eager_and_compiled(float64):
     assert graph == pytest.approx(eager, rel=1e-9)
     for name, value in eager_state.items():
         assert torch.allclose(graph_state[name], value, rtol=1e-7, atol=1e-9), name
+
+
+@pytest.mark.parametrize("compile_mode", ["none", "graph"])
+def test_fit_trains_a_model_with_a_plate_nested_in_the_data_plate(compile_mode):
+    def model(x):
+        loc = pyro.param("loc", torch.zeros(D))
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("features", D, dim=-1):
+                pyro.sample("x", dist.Normal(z + loc, 1.0), obs=x)
+
+    def guide(x):
+        weight = pyro.param("weight", torch.tensor(0.5))
+        with pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("z", dist.Normal(weight * x.mean(-1, keepdim=True), 0.7))
+
+    fitted = LatentVariableModel(model, guide)
+    history = fitted.fit(factor_data(), epochs=3, batch_size=40, learning_rate=5e-2,
+                         compile=compile_mode, progress=False)
+    assert all(math.isfinite(value) for value in history.column("train_elbo"))
+    assert not torch.equal(fitted.pyro_params.parameter("loc"), torch.zeros(D))

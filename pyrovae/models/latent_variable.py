@@ -55,11 +55,16 @@ class LatentVariableModel(nn.Module):
 
     Attributes
     ----------
+    max_plate_nesting : int or None
+        Plate depth of the model for the objectives; ``None`` (here) guesses it from one
+        run of model and guide, so models with plates nested in the data plate train.
     history_, train_config_, optimizer_ :
         Record, settings and optimizer of the last :meth:`fit`.
     metadata_ : dict
         Free-form JSON-like information saved with the parameters.
     """
+
+    max_plate_nesting: int | None = None
 
     def __init__(self, model: nn.Module, guide: nn.Module, data_plate: str = "data"):
         super().__init__()

@@ -183,6 +183,8 @@ class VAE(LatentVariableModel):
     >>> history = vae.fit(digits.train, digits.valid, binarize="dynamic", epochs=2, progress=False)
     """
 
+    max_plate_nesting = 1  # the plate over data points; the likelihoods add none
+
     def __init__(self, config: VAEConfig | None = None, seed: int | None = None, **options):
         if config is None:
             config = VAEConfig.from_dict(options)
