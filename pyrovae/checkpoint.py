@@ -22,6 +22,7 @@ byte of the archive's own directory.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import os
@@ -94,6 +95,7 @@ def write_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
     """
     path = Path(path)
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, **payload}
+    check_plain_data(payload)  # what read_checkpoint could not load is never written
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     content = encode_checkpoint(buffer.getvalue())
@@ -121,6 +123,32 @@ def write_checkpoint(payload: dict[str, Any], path: str | Path) -> Path:
         raise
     _sync_directory(path.parent)
     return path
+
+
+_PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+_PLAIN_CONTAINERS = (dict, collections.OrderedDict, list, tuple, set, frozenset, torch.Size)
+
+
+def check_plain_data(value, where: str = "payload") -> None:
+    """Raise ``TypeError`` naming the first entry that ``torch.load(weights_only=True)``
+    would refuse (NumPy values, paths, arbitrary objects), so that no unreadable model file
+    is ever written: only ``None``, booleans, numbers, strings, bytes, tensors, dtypes,
+    devices and dicts, lists, tuples and sets of them."""
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN_SCALARS:
+        return
+    if type(value) not in _PLAIN_CONTAINERS:
+        raise TypeError(
+            f"{where} is a {type(value).__module__}.{type(value).__qualname__}; model files "
+            "hold plain data only (None, bool, int, float, str, tensors, and dicts, lists and "
+            "tuples of them): convert it first, e.g. with float() or .tolist()"
+        )
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_plain_data(key, f"a key of {where}")
+            check_plain_data(item, f"{where}[{key!r}]")
+    elif type(value) is not torch.Size:
+        for index, item in enumerate(value):
+            check_plain_data(item, f"{where}[{index}]")
 
 
 def _remove_quietly(path) -> None:
@@ -495,6 +523,7 @@ __all__ = [
     "STALE_TEMPORARY_SECONDS",
     "CheckpointError",
     "check_output_paths",
+    "check_plain_data",
     "encode_checkpoint",
     "read_checkpoint",
     "remove_stale_temporaries",

@@ -427,3 +427,19 @@ def test_legacy_payloads_of_the_wrong_shape_are_corrupt_not_a_crash(saved, tmp_p
         torch.save({**payload, key: value}, path)
         with pytest.raises(CheckpointError, match=r"odd\.pt is corrupt or invalid"):
             VAE.load(path)
+
+
+def test_data_a_model_file_cannot_hold_is_refused_before_writing(trained, tmp_path):
+    """torch.load(weights_only=True) refuses NumPy values and other objects: such a file
+    could be written but never read back; the previous file is kept instead."""
+    path = trained.save(tmp_path / "model.pt")
+    previous = path.read_bytes()
+    for metadata, where in [
+        ({"score": np.float64(1.5)}, r"payload\['metadata'\]\['score'\] is a numpy\.float64"),
+        ({"runs": [1, np.int64(2)]}, r"payload\['metadata'\]\['runs'\]\[1\] is a numpy\.int64"),
+        ({"data": tmp_path}, r"payload\['metadata'\]\['data'\] is a pathlib\.PosixPath"),
+    ]:
+        with pytest.raises(TypeError, match=where + r"; model files hold plain data only"):
+            trained.save(path, metadata=metadata)
+        assert path.read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
