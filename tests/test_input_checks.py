@@ -179,6 +179,7 @@ def test_a_checkpoint_path_that_cannot_be_written_is_refused_before_training(tmp
         match="name the same file",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    refused(vae, lambda: vae.fit(x, resume="no", **OPTIONS), match="resume must be True or False")
 
 
 # --------------------------------------------------------------------------- supports
