@@ -231,11 +231,11 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def check_output_paths(*paths) -> None:
+def check_output_paths(**paths) -> None:
     """Refuse, before any work is done, model-file paths that a write would fail on: an
     existing directory or other non-regular file, a parent that is a file, a directory
-    that cannot be written, or the same file named twice (e.g. ``checkpoint_path`` and
-    ``best_path``). ``None`` entries are skipped.
+    that cannot be written, or the same file named twice, e.g.
+    ``check_output_paths(checkpoint_path=..., best_path=...)``. ``None`` values are skipped.
 
     Raises
     ------
@@ -243,7 +243,7 @@ def check_output_paths(*paths) -> None:
         Naming the path and the problem.
     """
     seen = {}
-    for path in paths:
+    for argument, path in paths.items():
         if path is None:
             continue
         path = Path(path)
@@ -263,8 +263,10 @@ def check_output_paths(*paths) -> None:
             raise ValueError(f"cannot write model file {path}: no write permission in {ancestor}")
         key = os.path.realpath(path)
         if key in seen:
-            raise ValueError(f"{seen[key]} and {path} name the same file; give two different paths")
-        seen[key] = path
+            raise ValueError(
+                f"{seen[key]} and {argument} name the same file {path}; give two different paths"
+            )
+        seen[key] = argument
 
 
 # --------------------------------------------------------------------------- reading

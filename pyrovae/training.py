@@ -153,7 +153,7 @@ def fit(
         )
     if resume not in (True, False):  # e.g. resume="no", which is true
         raise ValueError(f"resume must be True or False, got {resume!r}")
-    check_output_paths(checkpoint_path, best_path)
+    check_output_paths(checkpoint_path=checkpoint_path, best_path=best_path)
     saved = _read_resume_checkpoint(vae, config, checkpoint_path, parallel) if resume else None
     written = None if saved is None else int(saved["training_state"]["epoch"])
 

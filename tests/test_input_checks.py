@@ -176,7 +176,7 @@ def test_a_checkpoint_path_that_cannot_be_written_is_refused_before_training(tmp
     refused(
         vae,
         lambda: vae.fit(x, x[:8], checkpoint_path=same, best_path=same, **OPTIONS),
-        match="name the same file",
+        match=r"checkpoint_path and best_path name the same file .*model\.pt",
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
     refused(vae, lambda: vae.fit(x, resume="no", **OPTIONS), match="resume must be True or False")
