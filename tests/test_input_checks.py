@@ -357,6 +357,43 @@ def test_a_full_disk_is_reported_as_such_and_keeps_the_previous_file(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
+LIMITED_WRITER = """
+import resource, signal, sys
+from pyrovae import VAE
+vae = VAE(num_features=64, latent_dim=8, hidden_sizes=(256,), seed=0)  # about 0.4 MB
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # then writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+try:
+    vae.save(sys.argv[1])
+except Exception as error:
+    print(type(error).__name__, getattr(error, "errno", None), error)
+"""
+
+
+def test_a_write_cut_short_by_the_kernel_is_reported_as_such(tmp_path):
+    """A real short write (the file-size limit, like a disk filling up mid-file) made
+    torch.save fail with 'enforce fail at inline_container.cc ... unexpected pos'; the
+    model is now serialized in memory and written by pyrovae, which reports the OS error."""
+    path = tmp_path / "model.pt"
+    VAE(num_features=4, latent_dim=1, hidden_sizes=(3,), seed=0).save(path)
+    previous = path.read_bytes()
+    result = subprocess.run(
+        [sys.executable, "-c", LIMITED_WRITER, str(path)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    expected = (
+        f"OSError {errno.EFBIG} [Errno {errno.EFBIG}] cannot write model file {path}: "
+        "File too large; the previous file is unchanged"
+    )
+    assert result.stdout.strip() == expected, result.stdout + result.stderr[-2000:]
+    assert path.read_bytes() == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
 # --------------------------------------------------------------------------- litter
 
 
