@@ -254,9 +254,11 @@ def check_observed_support(
 
     Pyro checks supports only while validation is on, which training enables for its first
     step only, so values outside the support in any later minibatch would otherwise train
-    silently (a Poisson log-density of -1.5 is a finite number). Every random stream and
-    Pyro's parameter store are left as they were; sites whose support cannot be checked
-    (``constraints.dependent``) are skipped.
+    silently (a Poisson log-density of -1.5 is a finite number). Every random stream is left
+    as it was, and so is Pyro's parameter store when the check fails (when it passes, the
+    parameters a first call of the model creates stay, as the first training step would
+    create them); sites whose support cannot be checked (``constraints.dependent``) are
+    skipped.
 
     Raises
     ------
@@ -269,6 +271,7 @@ def check_observed_support(
     store = pyro.get_param_store()
     names_before = set(store.keys())
     found: dict[str, list] = {}  # site -> [entries outside the support, first description]
+    passed = False
     with torch.random.fork_rng(devices=devices):
         state = pyro.util.get_rng_state()
         try:
@@ -282,10 +285,12 @@ def check_observed_support(
                             if violation is not None:
                                 entry = found.setdefault(site["name"], [0, violation[1]])
                                 entry[0] += violation[0]
+            passed = not found
         finally:
             pyro.util.set_rng_state(state)
-            for created in set(store.keys()) - names_before:
-                del store[created]
+            if not passed:  # a refused call leaves no parameter a first call created
+                for created in set(store.keys()) - names_before:
+                    del store[created]
     if found:
         site, (count, (family, first)) = next(iter(found.items()))
         others = ", ".join(map(repr, list(found)[1:]))
@@ -296,7 +301,9 @@ def check_observed_support(
         )
 
 
-def _support_violation(site: dict, start: int, data_plate: str) -> tuple[int, str] | None:
+def _support_violation(
+    site: dict, start: int, data_plate: str
+) -> tuple[int, tuple[str, str]] | None:
     """(entries outside the support, description of the first) of an observed site whose
     data points are ``start, start + 1, ...``; ``None`` when all lie inside (or the support
     cannot be checked)."""
