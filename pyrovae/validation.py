@@ -227,7 +227,7 @@ def sampling_options(options: dict) -> dict:
     options = dict(options)
     if "num_samples" in options:
         options["num_samples"] = positive_int(options["num_samples"], "num_samples (K)")
-    if "max_pairs" in options:
+    if options.get("max_pairs") is not None:
         options["max_pairs"] = positive_int(options["max_pairs"], "max_pairs")
     if options.get("seed") is not None:
         options["seed"] = check_seed(options["seed"])
