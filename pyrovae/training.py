@@ -233,6 +233,7 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
     numbers differ (e.g. Python control flow on data values, frozen at trace time), it warns
     in one line and takes the eager path, as ``compile="none"`` does."""
     options = config.objective_options()
+    nesting = vae.plate_nesting(*train)
     mode = config.compile
     obstacle = vae.compile_obstacle()
     if obstacle is not None and mode in ("graph", "inductor"):
@@ -244,7 +245,7 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
         objective = make_objective(
             config.objective,
             config.num_particles,
-            max_plate_nesting=vae.max_plate_nesting,
+            max_plate_nesting=nesting,
             traceable=True,
             **options,
         )
@@ -264,7 +265,7 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
     objective = make_objective(
         config.objective,
         config.num_particles,
-        max_plate_nesting=vae.max_plate_nesting,
+        max_plate_nesting=nesting,
         traceable=compiled,
         **options,
     )

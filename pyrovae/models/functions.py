@@ -61,6 +61,7 @@ class ParamRegistry(nn.Module):
         self.constraints_: dict[str, constraints.Constraint] = {}
         self.pending_: dict[str, torch.Tensor] = {}
         self.adopted_: set[str] = set()
+        self.global_store_: set[str] = set()
 
     def names(self) -> list[str]:
         return [_decode(attribute) for attribute in self._parameters]
@@ -106,6 +107,17 @@ class ParamRegistry(nn.Module):
         value.unconstrained = lambda: parameter
         return value
 
+    def read_store(self, name: str) -> torch.Tensor:
+        """The constrained value of a parameter a global-store ``PyroModule`` put in Pyro's
+        parameter store, with its ``.unconstrained()`` handle, not registered here."""
+        store = pyro.get_param_store()
+        parameter = store._params[name]
+        self.global_store_.add(name)
+        value = transform_to(store._constraints[name])(parameter)
+        value = value.view_as(value)
+        value.unconstrained = lambda: parameter
+        return value
+
     def _create(self, name: str, init, constraint) -> None:
         pending = self.pending_.pop(name, None)
         if pending is not None:
@@ -117,6 +129,7 @@ class ParamRegistry(nn.Module):
             # unconstrained parameter there just before this statement; adopt that tensor.
             self.constraints_[name] = store._constraints[name]
             self.adopt(name, store._params[name])
+            self.global_store_.add(name)
             return
         if init is None:
             raise KeyError(
@@ -167,10 +180,15 @@ class RegistryParams(Messenger):
         args = msg["args"]
         init = args[1] if len(args) > 1 else msg["kwargs"].get("init_tensor")
         constraint = msg["kwargs"].get("constraint", constraints.real)
+        store = pyro.get_param_store()
         if _is_live_tensor(init) and (id(init) in self.owned or not isinstance(init, nn.Parameter)):
             # pyro.module on a module already held here, or on one whose parameters are
             # substituted (torch.func.functional_call in a compiled step): nothing to own.
             msg["value"] = unconstrained_handle(init)
+        elif init is None and id(store._params.get(msg["name"])) in self.owned:
+            # A PyroParam of a held PyroModule on the global store: its own tensor, in the
+            # store just now; read it there (the module is on the store: not compilable).
+            msg["value"] = self.registry.read_store(msg["name"])
         else:
             msg["value"] = self.registry.constrained(msg["name"], init, constraint)
         msg["done"] = True

@@ -27,7 +27,7 @@ from torch import nn
 from pyrovae.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from pyrovae.config import TrainConfig
 from pyrovae.evaluation.importance import evaluate
-from pyrovae.evaluation.traces import particle_terms
+from pyrovae.evaluation.traces import guess_max_plate_nesting, particle_terms
 from pyrovae.models.functions import ParamRegistry, PyroFunction, as_pyro_modules
 from pyrovae.training import History, fit
 from pyrovae.validation import (
@@ -100,13 +100,32 @@ class LatentVariableModel(nn.Module):
         return torch.get_default_dtype() if parameter is None else parameter.dtype
 
     # -- parameters --------------------------------------------------------------------
+    def plate_nesting(self, *inputs: torch.Tensor) -> int:
+        """:attr:`max_plate_nesting`, or, when it is ``None``, the depth found by running
+        model and guide once on the first data point(s), leaving every seeded draw that
+        follows unchanged (Pyro's own guess would consume random numbers)."""
+        if self.max_plate_nesting is not None:
+            return self.max_plate_nesting
+        probe = tuple(t[: min(2, t.shape[0])] for t in inputs)
+        return guess_max_plate_nesting(self.model, self.guide, *probe)
+
     def compile_obstacle(self) -> str | None:
         """Why a compiled step (``compile="graph"``/``"inductor"``) cannot train this model,
         or ``None``: it substitutes the parameters of the module tree, so modules that a
         function reaches from outside it (``pyro.module`` / ``PyroModule`` s captured from
         the enclosing scope) would keep their own tensors and get no gradient."""
         registry = self.pyro_params
-        if registry is None or not registry.adopted_:
+        if registry is None:
+            return None
+        if registry.global_store_:
+            names = ", ".join(sorted(registry.global_store_)[:3])
+            return (
+                f"PyroModule parameters on Pyro's global parameter store ({names}, ...) are "
+                "re-read from the store at every access, which a compiled step cannot "
+                "substitute. Train with compile='none', or build the PyroModule under "
+                "pyro.settings.context(module_local_params=True)"
+            )
+        if not registry.adopted_:
             return None
         names = ", ".join(sorted(registry.adopted_)[:3])
         return (
