@@ -1,4 +1,10 @@
-"""Command line: ``pyrovae train``, ``evaluate``, ``sample`` and ``plot``.
+"""Command line: ``pyrovae train``, ``evaluate``, ``compare``, ``gaps``, ``sample`` and ``plot``.
+
+``evaluate`` estimates log p(x) per data point by importance sampling (``--method is``, with
+ELBOs and IWAE bounds) or by annealed importance sampling (``--method ais``, with ``--bdmc``
+to check the number of steps on simulated data); ``compare`` scores several models on the
+same points and prints their paired differences; ``gaps`` splits the inference gap into
+approximation and amortization gaps.
 
 Every command checks its arguments, the files it reads (model, spec and data files) and the
 place it writes before any training or evaluation starts, and turns every expected failure
@@ -24,16 +30,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import errno
 import io
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import stat
 import sys
 import tempfile
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -71,11 +80,25 @@ IMAGE_FORMATS = ("png", "pdf")
 SAMPLE_DEFAULT_FORMATS = ("png",)
 PLOT_DEFAULT_FORMATS = ("png", "pdf")
 EVALUATION_BINARIZATION = ("auto", "threshold", "sample", "none")
+METHODS = ("is", "ais")
+"""Estimators of log p(x): importance sampling with the guide, annealed importance sampling."""
+AIS_DEFAULT_STEPS = 200
+"""Annealing steps of --method ais: a digits model's 100 points in well under a minute."""
+AIS_DEFAULT_CHAINS = 16
+AIS_DEFAULT_POINTS = 100
+"""Data points --method ais takes without --num-points (the first of the split)."""
+AIS_MAX_PAIRS = 2**15
+"""Most (chain, data point) pairs of one AIS pass without --max-pairs."""
+BDMC_DEFAULT_POINTS = 20
+BDMC_WIDTH_LIMIT = 1.0
+"""Mean BDMC sandwich width (nats) above which --ais-steps is reported as too few."""
+GAPS_DEFAULT_POINTS = 100
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 DESCRIPTION = (
-    "Pyro VAEs fitted by SVI: train a model, evaluate its bounds on log p(x), draw samples "
-    "and plot figures. Every command validates its arguments and files before it starts; "
+    "Pyro VAEs fitted by SVI: train a model, evaluate its bounds on log p(x) (importance "
+    "sampling or AIS), compare models on the same points, decompose inference gaps, draw "
+    "samples and plot figures. Every command validates its arguments and files before it starts; "
     "expected failures print one line 'error: ...' and exit with status 2."
 )
 
@@ -466,13 +489,76 @@ def _add_train(commands, track: bool) -> None:
     _add_common(top)
 
 
+def _add_estimator(arguments: _Arguments, command: str) -> None:
+    """--method, --num-points and the AIS options shared by evaluate, compare and gaps."""
+    what = {
+        "evaluate": "'is': importance sampling with the guide as proposal (log p(x), ELBOs, "
+        "IWAE_k bounds and diagnostics); 'ais': annealed importance sampling with HMC from the "
+        "guide, a stochastic lower bound on log p(x) whose bias shrinks as --ais-steps grows, "
+        "whatever the guide (slower)",
+        "compare": "estimator of the compared quantity: 'is' (importance sampling with each "
+        "model's guide; any --quantity) or 'ais' (annealed importance sampling; log_px only)",
+        "gaps": "estimator of log p(x) the gaps are measured from: 'is' (importance sampling "
+        "with the amortized guide, --num-samples draws) or 'ais' (annealed importance "
+        "sampling: a tighter lower bound, so a less understated approximation gap)",
+    }[command]
+    arguments.add("--method", choices=METHODS, default="is", help=what)
+    arguments.add(
+        "--num-points",
+        type=_positive_int,
+        metavar="N",
+        help="use the first N data points of the split only (as prepared by --binarize)",
+        shown=(
+            f"all with --method is, the first {AIS_DEFAULT_POINTS} with --method ais"
+            if command != "gaps"
+            else f"the first {GAPS_DEFAULT_POINTS}"
+        ),
+    )
+    ais = arguments.group("annealed importance sampling (--method ais)")
+    ais.add(
+        "--ais-steps",
+        type=_positive_int,
+        default=AIS_DEFAULT_STEPS,
+        metavar="T",
+        help="annealing steps (intermediate distributions); the bias falls as T grows: use "
+        "1000 or more for published numbers, checked with 'pyrovae evaluate --method ais "
+        "--bdmc'",
+    )
+    ais.add(
+        "--ais-chains",
+        type=_positive_int,
+        default=AIS_DEFAULT_CHAINS,
+        metavar="C",
+        help="independent AIS chains (weights) per data point",
+    )
+    if command == "evaluate":
+        ais.add(
+            "--bdmc",
+            action="store_true",
+            help="also run bidirectional Monte Carlo on data simulated from the model: a "
+            "sandwich lower <= log p(x) <= upper whose mean width tells whether --ais-steps is "
+            "enough (above ~1 nat: raise it)",
+        )
+        ais.add(
+            "--bdmc-points",
+            type=_positive_int,
+            default=BDMC_DEFAULT_POINTS,
+            metavar="N",
+            help="data points simulated from the model for --bdmc",
+        )
+
+
 def _add_evaluate(commands, track: bool) -> None:
     parser = commands.add_parser(
         "evaluate",
-        help="importance-sampled log p(x), ELBOs and IWAE bounds per data point",
+        help="log p(x) per data point by importance sampling (with ELBOs and IWAE bounds) "
+        "or by annealed importance sampling",
         description="Importance-sampled log p(x), Monte Carlo and analytic-KL ELBOs and IWAE_k "
         "bounds of a saved model, in nats per data point (higher is better), with their "
-        "standard errors and diagnostics (ESS, Pareto k-hat, active units).",
+        "standard errors and diagnostics (ESS, Pareto k-hat, active units). --method ais "
+        "estimates log p(x) by annealed importance sampling instead (a stochastic lower bound "
+        "in expectation, tighter as --ais-steps grows); --bdmc adds a bidirectional Monte "
+        "Carlo sandwich on simulated data that tells whether the steps are enough.",
         formatter_class=_formatter,
     )
     arguments = _Arguments(parser, track)
@@ -490,14 +576,16 @@ def _add_evaluate(commands, track: bool) -> None:
         "'threshold' after static binarization, 'threshold' for grey levels under a "
         "Bernoulli likelihood, else 'none'",
     )
-    arguments.add(
+    _add_estimator(arguments, "evaluate")
+    sampling = arguments.group("importance sampling (--method is)")
+    sampling.add(
         "--num-samples",
         type=_positive_int,
         default=1000,
         metavar="K",
         help="draws of z per data point (5000 for published numbers)",
     )
-    arguments.add(
+    sampling.add(
         "--ks",
         type=_positive_ints,
         default=(1, 5, 50),
@@ -510,6 +598,7 @@ def _add_evaluate(commands, track: bool) -> None:
         default=2**20,
         metavar="P",
         help="memory budget: most (draw, data point) pairs traced at once",
+        shown=f"{2**20} for is, {AIS_MAX_PAIRS} (chains included) for ais",
     )
     arguments.add(
         "--seed",
@@ -524,6 +613,139 @@ def _add_evaluate(commands, track: bool) -> None:
         type=Path,
         metavar="FILE",
         help="write the per-datapoint results (CSV) here",
+    )
+    _add_common(arguments)
+
+
+def _add_compare(commands, track: bool) -> None:
+    parser = commands.add_parser(
+        "compare",
+        help="paired comparison of saved models on the same data points",
+        description="Score two or more saved models on the same data points (prepared as "
+        "'pyrovae evaluate' prepares them) and print them sorted by the estimate, with the "
+        "mean per-point differences and their paired standard errors (the same points for "
+        "every model, so the differences are far better determined than the means). Nats per "
+        "data point, higher is better; a positive difference favours the first model of its "
+        "row.",
+        formatter_class=_formatter,
+    )
+    arguments = _Arguments(parser, track)
+    parser.add_argument(
+        "models",
+        nargs="+",
+        type=Path,
+        metavar="MODEL",
+        help="two or more model files (or run directories), all of the same number of features",
+    )
+    _add_data(arguments, None)
+    arguments.add("--split", choices=SPLIT_NAMES, default="test", help="data split")
+    arguments.add(
+        "--binarize",
+        choices=EVALUATION_BINARIZATION,
+        default="auto",
+        help="how grey levels become 0/1 values, as for evaluate; 'auto' must prepare the "
+        "same data for every model (else choose one)",
+    )
+    arguments.add(
+        "--quantity",
+        default="log_px",
+        metavar="NAME",
+        help="compared column: log_px, or with --method is also elbo, elbo_analytic or "
+        "iwae_<k> (k at most --num-samples)",
+    )
+    _add_estimator(arguments, "compare")
+    sampling = arguments.group("importance sampling (--method is)")
+    sampling.add(
+        "--num-samples",
+        type=_positive_int,
+        default=1000,
+        metavar="K",
+        help="draws of z per data point",
+    )
+    arguments.add(
+        "--pairs",
+        choices=("best", "all"),
+        default="best",
+        help="differences shown: every model minus the best, or every pair",
+    )
+    arguments.add(
+        "--max-pairs",
+        type=_positive_int,
+        default=2**20,
+        metavar="P",
+        help="memory budget: most (draw, data point) pairs traced at once",
+        shown=f"{2**20} for is, {AIS_MAX_PAIRS} (chains included) for ais",
+    )
+    arguments.add(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="N",
+        help="seed of the draws, the same for every model (and of --binarize sample)",
+    )
+    _add_device(arguments)
+    arguments.add(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write the table (CSV: kind, first, second, mean, se, unpaired_se, z) here",
+    )
+    _add_common(arguments)
+
+
+def _add_gaps(commands, track: bool) -> None:
+    parser = commands.add_parser(
+        "gaps",
+        help="split log p(x) - ELBO into approximation and amortization gaps",
+        description="Inference-gap decomposition (Cremer, Li and Duvenaud, 2018) of a saved "
+        "model on the first data points of a split: log p(x) - ELBO(encoder) = approximation "
+        "gap (log p(x) - ELBO of the best guide of the family per point) + amortization gap "
+        "(ELBO of that per-point guide - ELBO of the encoder), in nats per data point. "
+        "Supported for guides with one diagonal-Normal latent site (--guide diagonal, one "
+        "stochastic layer).",
+        formatter_class=_formatter,
+    )
+    arguments = _Arguments(parser, track)
+    arguments.add(
+        "--model", type=Path, required=True, metavar="FILE", help="model file (or run directory)"
+    )
+    _add_data(arguments, None)
+    arguments.add("--split", choices=SPLIT_NAMES, default="test", help="data split")
+    arguments.add(
+        "--binarize",
+        choices=EVALUATION_BINARIZATION,
+        default="auto",
+        help="how grey levels become 0/1 values, as for evaluate",
+    )
+    _add_estimator(arguments, "gaps")
+    arguments.add(
+        "--num-samples",
+        type=_positive_int,
+        default=1000,
+        metavar="K",
+        help="draws per data point of each ELBO (and of log p(x) with --method is)",
+    )
+    arguments.add(
+        "--steps",
+        type=_positive_int,
+        default=500,
+        metavar="S",
+        help="Adam steps of the per-point optimization (the output says whether it converged)",
+    )
+    arguments.add(
+        "--max-pairs",
+        type=_positive_int,
+        default=2**14,
+        metavar="P",
+        help="memory budget: most (draw, data point) pairs traced at once",
+    )
+    arguments.add("--seed", type=int, default=0, metavar="N", help="seed of all draws")
+    _add_device(arguments)
+    arguments.add(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write the per-datapoint gaps (CSV) here",
     )
     _add_common(arguments)
 
@@ -625,6 +847,8 @@ def build_parser(track_explicit: bool = False) -> argparse.ArgumentParser:
     _add_evaluate(commands, track_explicit)
     _add_sample(commands, track_explicit)
     _add_plot(commands, track_explicit)
+    _add_compare(commands, track_explicit)
+    _add_gaps(commands, track_explicit)
     return parser
 
 
@@ -1364,24 +1588,146 @@ def _dropped_ks_note(requested_ks, num_samples: int, result) -> str | None:
     )
 
 
+_IS_ONLY = {"num_samples": "--num-samples", "ks": "--ks"}
+_AIS_ONLY = {
+    "ais_steps": "--ais-steps",
+    "ais_chains": "--ais-chains",
+    "bdmc": "--bdmc",
+    "bdmc_points": "--bdmc-points",
+}
+
+
+def _check_method_options(args: argparse.Namespace, explicit: set, is_only=_IS_ONLY) -> None:
+    """Refuse options that the chosen --method would ignore."""
+    if args.method == "ais":
+        given = [flag for dest, flag in is_only.items() if dest in explicit]
+        if given:
+            raise CLIError(
+                f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --method is "
+                "(importance sampling); --method ais takes --ais-steps and --ais-chains"
+            )
+    else:
+        given = [flag for dest, flag in _AIS_ONLY.items() if dest in explicit]
+        if given:
+            raise CLIError(
+                f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to --method ais; "
+                "add --method ais, or drop them"
+            )
+    if "bdmc_points" in explicit and not getattr(args, "bdmc", False):
+        raise CLIError("--bdmc-points applies with --bdmc; add --bdmc, or drop it")
+
+
+def _check_not_parallel(what: str) -> None:
+    if active_context() is not None:
+        raise CLIError(
+            f"{what} does not run data-parallel; run it in one process (without torchrun)"
+        )
+
+
+def _first_points(data: torch.Tensor, num_points: int | None, default: int | None):
+    """The first ``num_points`` rows (``default`` when not given, all when both are None) and
+    the count; an explicit --num-points beyond the split is refused."""
+    total = data.shape[0]
+    if num_points is None:
+        num_points = total if default is None else min(default, total)
+    elif num_points > total:
+        raise CLIError(f"--num-points {num_points}: the split has only {total} data points")
+    return num_points
+
+
+def _default_points(method: str) -> int | None:
+    return AIS_DEFAULT_POINTS if method == "ais" else None
+
+
+def _split_line(split: str, name: str, used: int, total: int, described: str) -> str:
+    points = f"the first {used} of {total} data points (--num-points)"
+    if used == total:
+        points = f"{total} data points"
+    return f"{split} split of {name}: {points}, {described}"
+
+
+def _ais_options(args: argparse.Namespace, explicit: set) -> dict:
+    options = dict(num_steps=args.ais_steps, num_chains=args.ais_chains, seed=args.seed)
+    options["max_pairs"] = args.max_pairs if "max_pairs" in explicit else AIS_MAX_PAIRS
+    return options
+
+
+def _ais_settings_line(args: argparse.Namespace) -> str:
+    return (
+        f"AIS: {args.ais_steps} annealing steps (--ais-steps), {args.ais_chains} chains per "
+        "data point (--ais-chains), HMC transitions with 10 leapfrog steps, starting from the "
+        "guide q(z|x); log_px is a stochastic lower bound on log p(x) (E[log_px] <= log p(x)), "
+        "tighter as the steps grow"
+    )
+
+
+def _elapsed(start: float) -> str:
+    return f"{time.perf_counter() - start:.1f} s"
+
+
+def _run_bdmc(vae, args: argparse.Namespace, explicit: set, out: Output) -> None:
+    from pyrovae.evaluation.ais import bdmc
+
+    started = time.perf_counter()
+    sandwich = bdmc(
+        vae.model,
+        vae.guide,
+        num_points=args.bdmc_points,
+        progress=out.progress_bars,
+        **_ais_options(args, explicit),
+    )
+    out.summary("")
+    out.summary(
+        f"BDMC: forward and reverse AIS with the same settings on {args.bdmc_points} data "
+        f"points simulated from the model (--bdmc-points), {_elapsed(started)}:"
+    )
+    out.summary(sandwich.table())
+    width = sandwich.mean_width
+    if width > BDMC_WIDTH_LIMIT:
+        out.summary(
+            f"mean width {width:.3f} nats is above ~{BDMC_WIDTH_LIMIT:g} nat: AIS with "
+            f"{args.ais_steps} steps may understate log p(x) by about that much; raise "
+            f"--ais-steps (e.g. {4 * args.ais_steps})"
+        )
+    else:
+        out.summary(
+            f"mean width {width:.3f} nats is below ~{BDMC_WIDTH_LIMIT:g} nat: {args.ais_steps} "
+            "steps are enough for this model's simulated data (real data may be harder; if "
+            "the mean width is above ~1 nat, raise --ais-steps)"
+        )
+
+
 def run_evaluate(args: argparse.Namespace, explicit: set, out: Output) -> int:
     from pyrovae import VAE
     from pyrovae.training import resolve_device
 
     _check_device(args.device)
+    _check_method_options(args, explicit)
+    if args.method == "ais":
+        _check_not_parallel("--method ais")
     model_path = _model_file(args.model)
     if args.out is not None and out.main:
         _check_output_file(args.out)
     device, parallel = resolve_device(args.device), active_context()
     vae = VAE.load(model_path, device=device if parallel is None else parallel.device(device))
+    if args.bdmc and vae.config.condition_dim:
+        raise CLIError(
+            "--bdmc simulates data from the model, which this conditional model (condition "
+            "labels) cannot do without a condition; drop --bdmc"
+        )
     name = _dataset_of(vae, args.dataset)
     dataset = load_data(name, args.data_dir)
     data, described = prepare_data(vae, dataset, args.split, args.binarize, args.seed)
+    total = data.shape[0]
+    used = _first_points(data, args.num_points, _default_points(args.method))
+    data = data[:used]
     condition = None
     if vae.config.condition_dim:
-        condition = _labels_of(dataset, args.split, vae.config.condition_dim)
+        condition = _labels_of(dataset, args.split, vae.config.condition_dim)[:used]
+    out.summary(_split_line(args.split, name, used, total, described))
+    if args.method == "ais":
+        return _evaluate_ais(vae, data, condition, args, explicit, out)
     ks = tuple(k for k in args.ks if k <= args.num_samples)
-    out.summary(f"{args.split} split of {name}: {data.shape[0]} data points, {described}")
     result = vae.evaluate(
         data,
         num_samples=args.num_samples,
@@ -1397,13 +1743,305 @@ def run_evaluate(args: argparse.Namespace, explicit: set, out: Output) -> int:
     note = _dropped_ks_note(args.ks, args.num_samples, result)
     if note is not None:
         out.summary(note)
+    _write_results(result, args.out, out)
+    return 0
+
+
+def _write_results(result, path: Path | None, out: Output, what: str = "per-datapoint results"):
+    if path is None:
+        return
+    try:
+        result.to_csv(path)
+    except OSError as error:
+        raise CLIError(_write_failure(error, path)) from None
+    out.summary(f"wrote {what} to {path}")
+
+
+def _evaluate_ais(vae, data, condition, args, explicit: set, out: Output) -> int:
+    from pyrovae.evaluation.ais import ais
+
+    out.summary(_ais_settings_line(args))
+    started = time.perf_counter()
+    result = ais(
+        vae.model,
+        vae.guide,
+        *vae.inputs(data, condition),
+        progress=out.progress_bars,
+        **_ais_options(args, explicit),
+    )
+    out.summary(result.table())
+    out.summary(f"AIS took {_elapsed(started)} for {result.num_points} data points")
+    _write_results(result, args.out, out)
+    if args.bdmc:
+        _run_bdmc(vae, args, explicit, out)
+    return 0
+
+
+# --------------------------------------------------------------------------- compare
+
+
+_QUANTITY_FORMS = ("log_px", "elbo", "elbo_analytic")
+
+
+def _check_quantity(quantity: str, method: str, num_samples: int) -> tuple[int, ...]:
+    """The IWAE group sizes ``quantity`` needs; refuse a quantity the method does not give."""
+    if method == "ais":
+        if quantity != "log_px":
+            raise CLIError(
+                f"--quantity {quantity}: --method ais estimates log_px only; use --method is "
+                "for ELBOs and IWAE bounds"
+            )
+        return ()
+    if quantity in _QUANTITY_FORMS:
+        return (1,)
+    match = re.fullmatch(r"iwae_(\d+)", quantity)
+    if match is None or int(match.group(1)) < 1:
+        raise CLIError(
+            f"--quantity {quantity!r} is not a quantity; use log_px, elbo, elbo_analytic or "
+            "iwae_<k> (e.g. iwae_5)"
+        )
+    k = int(match.group(1))
+    if k > num_samples:
+        raise CLIError(
+            f"--quantity {quantity}: k = {k} needs at least {k} draws per data point; raise "
+            f"--num-samples to {k} or more"
+        )
+    return (k,)
+
+
+def _binarize_mode(described: str) -> str:
+    match = re.search(r"--binarize (\w+)", described)
+    return match.group(1) if match else "?"
+
+
+def run_compare(args: argparse.Namespace, explicit: set, out: Output) -> int:
+    from types import SimpleNamespace
+
+    from pyrovae import VAE
+    from pyrovae.evaluation.comparison import compare
+    from pyrovae.evaluation.importance import data_fingerprint
+    from pyrovae.training import resolve_device
+
+    _check_device(args.device)
+    _check_method_options(args, explicit, {"num_samples": "--num-samples"})
+    if len(args.models) < 2:
+        raise CLIError(
+            f"pyrovae compare needs two or more models, got {len(args.models)}; name each "
+            "model file (or run directory)"
+        )
+    ks = _check_quantity(args.quantity, args.method, args.num_samples)
+    paths: dict[str, Path] = {}
+    named: dict[Path, str] = {}
+    for given in args.models:
+        name, path = str(given), _model_file(given)
+        other = named.setdefault(path.resolve(), name)
+        if other != name or name in paths:
+            also = "" if other == name else f" (also as {other})"
+            raise CLIError(f"model {name} is given twice{also}; name each model once")
+        paths[name] = path
+    if args.out is not None:
+        _check_output_file(args.out)
+    device = resolve_device(args.device)
+    vaes = {name: VAE.load(path, device=device) for name, path in paths.items()}
+    features = {name: vae.config.num_features for name, vae in vaes.items()}
+    if len(set(features.values())) > 1:
+        listed = ", ".join(f"{name}: {size}" for name, size in features.items())
+        raise CLIError(
+            f"the models have different numbers of features ({listed}); a paired comparison "
+            "needs models of the same data"
+        )
+    datasets = {name: _dataset_of(vae, args.dataset) for name, vae in vaes.items()}
+    if len(set(datasets.values())) > 1:
+        listed = ", ".join(f"{name}: {dataset}" for name, dataset in datasets.items())
+        raise CLIError(
+            f"the models were trained on different datasets ({listed}); pass --dataset to "
+            "score them all on one"
+        )
+    dataset_name = next(iter(datasets.values()))
+    dataset = load_data(dataset_name, args.data_dir)
+    prepared = {
+        name: prepare_data(vae, dataset, args.split, args.binarize, args.seed)
+        for name, vae in vaes.items()
+    }
+    (data, described), *others = prepared.values()
+    if any(not torch.equal(data, other) for other, _ in others):
+        listed = ", ".join(
+            f"{name}: --binarize {_binarize_mode(text)}" for name, (_, text) in prepared.items()
+        )
+        raise CLIError(
+            f"--binarize {args.binarize} prepares different data for the models ({listed}); "
+            "pass --binarize threshold, sample or none to score them all on the same points"
+        )
+    total = data.shape[0]
+    used = _first_points(data, args.num_points, _default_points(args.method))
+    data = data[:used]
+    out.summary(_split_line(args.split, dataset_name, used, total, described))
+    if args.method == "ais":
+        out.summary(_ais_settings_line(args))
+    else:
+        out.summary(
+            f"importance sampling: {args.num_samples} draws per data point from each model's "
+            f"guide (--num-samples), seed {args.seed} for every model"
+        )
+    fingerprint = data_fingerprint(data)
+    scored = {}
+    for name, vae in vaes.items():
+        condition = None
+        if vae.config.condition_dim:
+            condition = _labels_of(dataset, args.split, vae.config.condition_dim)[:used]
+        started = time.perf_counter()
+        result = _score(vae, data, condition, args, explicit, ks, out)
+        out.info(f"scored {name} in {_elapsed(started)}")
+        scored[name] = SimpleNamespace(
+            per_datapoint=result.per_datapoint, data_fingerprint=fingerprint
+        )
+    comparison = compare(scored, data, quantity=args.quantity, pairs=args.pairs)
+    out.summary(comparison.table())
+    if args.method == "ais":
+        out.summary("AIS log_px is a stochastic lower bound for every model: E[log_px] <= log p(x)")
+    elif args.quantity == "log_px":
+        out.summary(
+            "log_px by importance sampling is a stochastic lower bound whose bias depends on "
+            "each model's guide; --method ais makes it depend on it far less"
+        )
     if args.out is not None:
         try:
-            result.to_csv(args.out)
+            _comparison_csv(comparison, args.out)
         except OSError as error:
             raise CLIError(_write_failure(error, args.out)) from None
-        out.summary(f"wrote per-datapoint results to {args.out}")
+        out.summary(f"wrote the comparison to {args.out}")
     return 0
+
+
+def _score(vae, data, condition, args, explicit: set, ks: tuple, out: Output):
+    if args.method == "ais":
+        from pyrovae.evaluation.ais import ais
+
+        return ais(
+            vae.model,
+            vae.guide,
+            *vae.inputs(data, condition),
+            progress=out.progress_bars,
+            **_ais_options(args, explicit),
+        )
+    return vae.evaluate(
+        data,
+        num_samples=args.num_samples,
+        ks=ks,
+        seed=args.seed,
+        max_pairs=args.max_pairs,
+        latent_diagnostics=False,
+        progress=out.progress_bars,
+        condition=condition,
+    )
+
+
+def _comparison_csv(comparison, path: Path) -> None:
+    """One row per model (mean, se) and one per difference (mean, paired se as se,
+    unpaired se, z)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["kind", "first", "second", "mean", "se", "unpaired_se", "z"])
+        for row in comparison.ranking():
+            writer.writerow(
+                ["model", row["model"], "", f"{row['mean']:.6f}", f"{row['se']:.6f}", "", ""]
+            )
+        for row in comparison.differences():
+            writer.writerow(
+                [
+                    "difference",
+                    row["first"],
+                    row["second"],
+                    f"{row['difference']:.6f}",
+                    f"{row['paired_se']:.6f}",
+                    f"{row['unpaired_se']:.6f}",
+                    f"{row['z']:.6f}",
+                ]
+            )
+
+
+# --------------------------------------------------------------------------- gaps
+
+
+def run_gaps(args: argparse.Namespace, explicit: set, out: Output) -> int:
+    from pyrovae import VAE
+    from pyrovae.evaluation.gaps import decompose_gaps, local_guide
+    from pyrovae.training import resolve_device
+
+    _check_device(args.device)
+    _check_method_options(args, explicit, {})
+    model_path = _model_file(args.model)
+    if args.out is not None:
+        _check_output_file(args.out)
+    vae = VAE.load(model_path, device=resolve_device(args.device))
+    name = _dataset_of(vae, args.dataset)
+    dataset = load_data(name, args.data_dir)
+    data, described = prepare_data(vae, dataset, args.split, args.binarize, args.seed)
+    total = data.shape[0]
+    used = _first_points(data, args.num_points, GAPS_DEFAULT_POINTS)
+    data = data[:used]
+    condition = None
+    if vae.config.condition_dim:
+        condition = _labels_of(dataset, args.split, vae.config.condition_dim)[:used]
+    inputs = (data,) if condition is None else (data, condition)
+    try:  # refuse an unsupported guide before any draw
+        local_guide(vae.guide, *vae.inputs(*(t[:1] for t in inputs)), data_plate=vae.data_plate)
+    except ValueError as error:
+        raise CLIError(
+            f"pyrovae gaps cannot decompose {model_path} (guide {vae.config.guide!r}"
+            f"{', two stochastic layers' if vae.config.top_latent_dim else ''}): {error}"
+        ) from None
+    out.summary(_split_line(args.split, name, used, total, described))
+    started = time.perf_counter()
+    log_px = None
+    if args.method == "ais":
+        from pyrovae.evaluation.ais import ais
+
+        out.summary(_ais_settings_line(args))
+        log_px = ais(
+            vae.model,
+            vae.guide,
+            *vae.inputs(*inputs),
+            progress=out.progress_bars,
+            **_ais_options(args, explicit),
+        )
+    result = decompose_gaps(
+        vae,
+        *inputs,
+        log_px=log_px,
+        num_samples=args.num_samples,
+        steps=args.steps,
+        max_pairs=args.max_pairs,
+        seed=args.seed,
+    )
+    if log_px is not None:
+        result.log_px_source = (
+            f"AIS with {args.ais_steps} steps and {args.ais_chains} chains (a stochastic lower "
+            "bound: the approximation gap is understated by its bias)"
+        )
+    out.summary(result.table())
+    out.summary(
+        "inference gap = approximation gap (the guide's family) + amortization gap (the "
+        f"encoder); {_elapsed(started)}"
+    )
+    if args.out is not None:
+        try:
+            _gaps_csv(result, args.out)
+        except OSError as error:
+            raise CLIError(_write_failure(error, args.out)) from None
+        out.summary(f"wrote per-datapoint gaps to {args.out}")
+    return 0
+
+
+def _gaps_csv(result, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(result.per_datapoint)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["data_point", *names])
+        for index, row in enumerate(zip(*(result.per_datapoint[n] for n in names), strict=True)):
+            writer.writerow([index, *(f"{value:.6f}" for value in row)])
 
 
 # --------------------------------------------------------------------------- sample and plot
@@ -1542,6 +2180,8 @@ COMMANDS = {
     "evaluate": run_evaluate,
     "sample": run_sample,
     "plot": run_plot,
+    "compare": run_compare,
+    "gaps": run_gaps,
 }
 
 EXPECTED_ERRORS = (CLIError, ValueError, TypeError, OSError, FloatingPointError)
