@@ -46,6 +46,16 @@ def _decode(attribute: str) -> str:
     return attribute[2:].replace("%2E", ".").replace("%25", "%")
 
 
+def _constrained_value(parameter: torch.Tensor, constraint) -> torch.Tensor:
+    """``transform_to(constraint)(parameter)`` as Pyro's store returns it: differentiable,
+    with ``.unconstrained()`` giving the parameter (set on an alias, so that the parameter
+    itself stays unmarked and picklable)."""
+    value = transform_to(constraint)(parameter)
+    value = value.view_as(value)
+    value.unconstrained = lambda: parameter
+    return value
+
+
 class ParamRegistry(nn.Module):
     """The parameters of function-style Pyro programs, by Pyro parameter name.
 
@@ -91,7 +101,7 @@ class ParamRegistry(nn.Module):
         self.register_parameter(_encode(name), parameter)
         self.adopted_.add(name)
 
-    def constrained(self, name: str, init, constraint, event_dim=None) -> torch.Tensor:
+    def constrained(self, name: str, init, constraint) -> torch.Tensor:
         """The value of ``pyro.param(name, init, constraint)``: differentiable, with the
         ``.unconstrained()`` handle Pyro's SVI reads."""
         if name in self.pending_ and isinstance(init, nn.Parameter):
@@ -102,10 +112,7 @@ class ParamRegistry(nn.Module):
         parameter = self.parameter(name)
         if parameter is init:  # pyro.module: the caller compares identities only
             return unconstrained_handle(parameter)
-        value = transform_to(constraint)(parameter)
-        value = value.view_as(value)  # an alias, so that the parameter itself stays unmarked
-        value.unconstrained = lambda: parameter
-        return value
+        return _constrained_value(parameter, constraint)
 
     def read_store(self, name: str) -> torch.Tensor:
         """The constrained value of a parameter a global-store ``PyroModule`` put in Pyro's
@@ -113,10 +120,7 @@ class ParamRegistry(nn.Module):
         store = pyro.get_param_store()
         parameter = store._params[name]
         self.global_store_.add(name)
-        value = transform_to(store._constraints[name])(parameter)
-        value = value.view_as(value)
-        value.unconstrained = lambda: parameter
-        return value
+        return _constrained_value(parameter, store._constraints[name])
 
     def _create(self, name: str, init, constraint) -> None:
         pending = self.pending_.pop(name, None)
