@@ -69,8 +69,8 @@ def train(args) -> None:
     vae = VAE(VAEConfig(**ARCHITECTURE), seed=args.seed)
     started = time.perf_counter()
     history = vae.fit(
-        data.train,
-        data.valid,
+        data.train[: args.train_points],
+        data.valid[: args.valid_points],
         checkpoint_path=checkpoint,
         resume=checkpoint.exists(),
         best_path=best,
@@ -262,6 +262,8 @@ def main(argv=None) -> None:
     trainer.add_argument("--compile", default="inductor")
     trainer.add_argument("--threads", type=int, default=1)
     trainer.add_argument("--data-dir", default=None)
+    trainer.add_argument("--train-points", type=int, default=None, help="default: all 50000")
+    trainer.add_argument("--valid-points", type=int, default=None, help="default: all 10000")
     trainer.add_argument("--quiet", action="store_true")
     trainer.add_argument("--out", type=Path, required=True)
     evaluator = commands.add_parser("evaluate", help="evaluate a trained run's best model")
