@@ -144,9 +144,10 @@ class LatentVariableModel(nn.Module):
         Raises
         ------
         ValueError
-            When a ``param`` statement names a tensor this module does not own, e.g. a
-            ``pyro.param`` inside a module's ``forward`` (it lives in a parameter store
-            scope no optimizer sees).
+            When a tensor that requires gradients takes part in the log densities but is
+            not one of :meth:`parameters`: a ``param`` statement naming a tensor this module
+            does not own, a tensor captured from the enclosing scope, or a ``PyroModule``
+            attribute read outside a call of the module (no ``param`` statement at all).
         """
         probe = tuple(t[: min(2, t.shape[0])] for t in inputs)
         with torch.random.fork_rng(devices=_cuda_devices(probe)):
@@ -341,10 +342,9 @@ class LatentVariableModel(nn.Module):
         (a smaller file that cannot be resumed)."""
         from pyrovae import __version__
 
-        optimizer_state = (
-            self.optimizer_.state_dict() if self.optimizer_ is not None
-            else self.saved_optimizer_state_
-        )
+        optimizer_state = self.saved_optimizer_state_
+        if self.optimizer_ is not None:
+            optimizer_state = self.optimizer_.state_dict()
         if training_state is None:
             training_state = self.saved_training_state_
         if not include_training_state:
