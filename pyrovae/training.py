@@ -124,8 +124,8 @@ def fit(
         Continue from the checkpoint at ``checkpoint_path`` (same model and settings; a
         larger ``epochs`` extends the run).
     best_path : str or Path, optional
-        Also write the model (a loadable file without training state) here after every
-        epoch whose validation ELBO is the best so far. Needs validation data.
+        Also write the model (a loadable file without optimizer or resume state) here
+        after every epoch whose validation ELBO is the best so far. Needs validation data.
     """
     parallel = active_context()
     device = resolve_device(config.device)
@@ -212,7 +212,7 @@ def fit(
             tqdm.write(_describe(record, config.epochs))
         last = epoch == config.epochs or schedule.converged
         if best and best_path is not None and (parallel is None or parallel.is_main):
-            vae.save(best_path)
+            vae.save(best_path, include_training_state=False)
         if checkpoint_path is not None and (epoch % config.checkpoint_every == 0 or last):
             _save_checkpoint(vae, checkpoint_path, epoch, generator, parallel, schedule)
             written = epoch
