@@ -233,6 +233,9 @@ class PyroFunction(nn.Module):
         among this module's and reach any optimizer or compiled step built from it. Of a
         model and guide sharing a registry, exactly one registers it (a second would
         write every parameter twice into a file).
+    registered_owners : tuple of nn.Module
+        Modules another program already holds: a bound method of one of them uses its
+        parameters without holding the module a second time.
     """
 
     def __init__(
