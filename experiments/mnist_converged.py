@@ -157,17 +157,35 @@ def mean_and_se(columns: dict, names) -> dict:
 
 
 def stage_ais(vae, test, args, out: Path) -> None:
-    index = subset(len(test), args.ais_points)
-    started = time.perf_counter()
-    result = ais(
-        vae.model, vae.guide, vae.inputs(test[index])[0], num_steps=args.ais_steps,
-        num_chains=args.ais_chains, seed=args.seed,
-    )
-    columns = {"index": index.numpy(), "log_px": result.log_px, "log_px_se": result.log_px_se}
+    """AIS on the first ``--ais-points`` test images of the fixed random order, in saved
+    blocks of ``--ais-block`` (block b: images b*B..(b+1)*B-1 of the order, seed + b), so
+    that later runs extend earlier ones: block 0 is ``subset(N, B)``."""
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
+    settings = {"num_steps": args.ais_steps, "num_chains": args.ais_chains}
+    blocks = []
+    for block, start in enumerate(range(0, args.ais_points, args.ais_block)):
+        path = out / f"ais_block{block:03d}"
+        if not path.with_suffix(".npz").exists():
+            index = order[start : min(start + args.ais_block, args.ais_points)].sort().values
+            started = time.perf_counter()
+            result = ais(
+                vae.model, vae.guide, vae.inputs(test[index])[0], seed=args.seed + block,
+                **settings,
+            )
+            columns = {
+                "index": index.numpy(), "log_px": result.log_px, "log_px_se": result.log_px_se,
+            }
+            save_stage(path, columns, {**settings, "seconds": time.perf_counter() - started})
+            print(f"AIS block {block}: {time.perf_counter() - started:.0f} s", flush=True)
+        saved = json.loads(path.with_suffix(".json").read_text())
+        if {k: saved[k] for k in settings} != settings:
+            raise SystemExit(f"{path}.npz was computed with {saved}, not {settings}")
+        blocks.append((dict(np.load(path.with_suffix(".npz"))), saved["seconds"]))
+    columns = {k: np.concatenate([b[k] for b, _ in blocks]) for k in blocks[0][0]}
     info = {
-        "points": len(index), "num_steps": args.ais_steps, "num_chains": args.ais_chains,
-        "seconds": time.perf_counter() - started, **mean_and_se(columns, ("log_px",)),
-        "mean_chain_se": float(np.mean(result.log_px_se)),
+        "points": len(columns["index"]), **settings,
+        "seconds": sum(seconds for _, seconds in blocks), **mean_and_se(columns, ("log_px",)),
+        "mean_chain_se": float(np.mean(columns["log_px_se"])),
     }
     save_stage(out / "ais", columns, info)
 
@@ -197,8 +215,9 @@ def stage_gaps(vae, test, args, out: Path) -> None:
     log_px = None
     if ais_file.exists():  # the better estimate of log p(x) where it covers these points
         saved = np.load(ais_file)
-        if np.array_equal(saved["index"], index.numpy()):
-            log_px = saved["log_px"]
+        position = {int(i): p for p, i in enumerate(saved["index"])}
+        if all(int(i) in position for i in index):
+            log_px = saved["log_px"][[position[int(i)] for i in index]]
     started = time.perf_counter()
     result = decompose_gaps(
         vae, test[index], log_px=log_px, num_samples=args.is_samples, seed=args.seed,
@@ -220,7 +239,7 @@ def evaluate_run(args) -> None:
     stages = args.stages.split(",")
     if "is" in stages:
         stage_is(vae, test, args, args.run)
-    if "ais" in stages and not (args.run / "ais.npz").exists():
+    if "ais" in stages:
         stage_ais(vae, test, args, args.run)
     if "bdmc" in stages and not (args.run / "bdmc.json").exists():
         stage_bdmc(vae, args, args.run)
@@ -275,6 +294,7 @@ def main(argv=None) -> None:
     evaluator.add_argument("--ais-points", type=int, default=200)
     evaluator.add_argument("--ais-steps", type=int, default=1000)
     evaluator.add_argument("--ais-chains", type=int, default=16)
+    evaluator.add_argument("--ais-block", type=int, default=100, help="AIS images per block")
     evaluator.add_argument("--bdmc-points", type=int, default=50)
     evaluator.add_argument(
         "--bdmc-steps", type=lambda text: [int(v) for v in text.split(",")], default=[100, 1000]

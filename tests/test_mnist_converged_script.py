@@ -33,6 +33,7 @@ def test_study_trains_resumes_evaluates_and_compares(study, tmp_path, data_dir, 
     study.main(["train", "--objective", "iwae", "--particles", "2", "--max-epochs", "1",
                 *common, "--out", iwae])
     evaluation = ["--is-points", "12", "--is-samples", "60", "--block", "6", "--ais-points", "4",
+                  "--ais-block", "2",
                   "--ais-steps", "5", "--ais-chains", "2", "--data-dir", str(data_dir)]
     study.main(["evaluate", "--run", vae, *evaluation, "--bdmc-points", "3",
                 "--bdmc-steps", "3,6", "--gap-points", "4"])
