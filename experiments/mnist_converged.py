@@ -40,9 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from pyrovae import VAE, VAEConfig  # noqa: E402
 from pyrovae.data import load_binarized_mnist  # noqa: E402
@@ -127,8 +126,11 @@ def stage_is(vae, test, args, out: Path) -> None:
         if not path.with_suffix(".npz").exists():
             started = time.perf_counter()
             result = vae.evaluate(
-                test[index[start : start + args.block]], num_samples=args.is_samples,
-                ks=(1, 50), seed=args.seed + block, latent_diagnostics=False,
+                test[index[start : start + args.block]],
+                num_samples=args.is_samples,
+                ks=(1, 50),
+                seed=args.seed + block,
+                latent_diagnostics=False,
             )
             info = {"seconds": time.perf_counter() - started, "start": start}
             save_stage(path, result.per_datapoint, info)
@@ -169,11 +171,16 @@ def stage_ais(vae, test, args, out: Path) -> None:
             index = order[start : min(start + args.ais_block, args.ais_points)].sort().values
             started = time.perf_counter()
             result = ais(
-                vae.model, vae.guide, vae.inputs(test[index])[0], seed=args.seed + block,
+                vae.model,
+                vae.guide,
+                vae.inputs(test[index])[0],
+                seed=args.seed + block,
                 **settings,
             )
             columns = {
-                "index": index.numpy(), "log_px": result.log_px, "log_px_se": result.log_px_se,
+                "index": index.numpy(),
+                "log_px": result.log_px,
+                "log_px_se": result.log_px_se,
             }
             save_stage(path, columns, {**settings, "seconds": time.perf_counter() - started})
             print(f"AIS block {block}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -183,8 +190,10 @@ def stage_ais(vae, test, args, out: Path) -> None:
         blocks.append((dict(np.load(path.with_suffix(".npz"))), saved["seconds"]))
     columns = {k: np.concatenate([b[k] for b, _ in blocks]) for k in blocks[0][0]}
     info = {
-        "points": len(columns["index"]), **settings,
-        "seconds": sum(seconds for _, seconds in blocks), **mean_and_se(columns, ("log_px",)),
+        "points": len(columns["index"]),
+        **settings,
+        "seconds": sum(seconds for _, seconds in blocks),
+        **mean_and_se(columns, ("log_px",)),
         "mean_chain_se": float(np.mean(columns["log_px_se"])),
     }
     save_stage(out / "ais", columns, info)
@@ -195,8 +204,12 @@ def stage_bdmc(vae, args, out: Path) -> None:
     for steps in args.bdmc_steps:
         started = time.perf_counter()
         result = bdmc(
-            vae.model, vae.guide, num_points=args.bdmc_points, num_steps=steps,
-            num_chains=args.ais_chains, seed=args.seed,
+            vae.model,
+            vae.guide,
+            num_points=args.bdmc_points,
+            num_steps=steps,
+            num_chains=args.ais_chains,
+            seed=args.seed,
         )
         widths[str(steps)] = {
             "mean_width": result.mean_width,
@@ -220,11 +233,16 @@ def stage_gaps(vae, test, args, out: Path) -> None:
             log_px = saved["log_px"][[position[int(i)] for i in index]]
     started = time.perf_counter()
     result = decompose_gaps(
-        vae, test[index], log_px=log_px, num_samples=args.is_samples, seed=args.seed,
+        vae,
+        test[index],
+        log_px=log_px,
+        num_samples=args.is_samples,
+        seed=args.seed,
     )
     columns = {"index": index.numpy(), **result.per_datapoint}
     info = {
-        "points": len(index), "log_px_from": "ais" if log_px is not None else "is",
+        "points": len(index),
+        "log_px_from": "ais" if log_px is not None else "is",
         "seconds": time.perf_counter() - started,
         **mean_and_se(columns, ("inference_gap", "approximation_gap", "amortization_gap")),
     }

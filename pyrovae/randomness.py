@@ -5,9 +5,8 @@ generator), as plain tensors and numbers that a weights-only checkpoint can hold
 
 from __future__ import annotations
 
-import random
-
 import numbers
+import random
 
 import numpy as np
 import torch

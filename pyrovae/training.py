@@ -239,7 +239,9 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
     if obstacle is not None and mode in ("graph", "inductor"):
         raise ValueError(f"compile={mode!r}: {obstacle}")
     if obstacle is not None:  # auto
-        warnings.warn(f"compile='auto': {obstacle}; training with eager Pyro", RuntimeWarning)
+        warnings.warn(
+            f"compile='auto': {obstacle}; training with eager Pyro", RuntimeWarning, stacklevel=4
+        )
         mode = "none"
     if mode == "auto":
         objective = make_objective(

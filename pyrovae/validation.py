@@ -14,7 +14,6 @@ from torch.distributions import constraints
 
 from pyrovae.likelihoods import Likelihood
 
-
 # --------------------------------------------------------------------------- plain values
 
 

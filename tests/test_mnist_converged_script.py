@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import PROJECT_ROOT
 
 
@@ -30,13 +29,52 @@ def test_study_trains_resumes_evaluates_and_compares(study, tmp_path, data_dir, 
     study.main(["train", "--max-epochs", "2", *common, "--out", vae])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["epochs"] == 2  # resumed, not restarted
-    study.main(["train", "--objective", "iwae", "--particles", "2", "--max-epochs", "1",
-                *common, "--out", iwae])
-    evaluation = ["--is-points", "12", "--is-samples", "60", "--block", "6", "--ais-points", "4",
-                  "--ais-block", "2",
-                  "--ais-steps", "5", "--ais-chains", "2", "--data-dir", str(data_dir)]
-    study.main(["evaluate", "--run", vae, *evaluation, "--bdmc-points", "3",
-                "--bdmc-steps", "3,6", "--gap-points", "4"])
+    study.main(
+        [
+            "train",
+            "--objective",
+            "iwae",
+            "--particles",
+            "2",
+            "--max-epochs",
+            "1",
+            *common,
+            "--out",
+            iwae,
+        ]
+    )
+    evaluation = [
+        "--is-points",
+        "12",
+        "--is-samples",
+        "60",
+        "--block",
+        "6",
+        "--ais-points",
+        "4",
+        "--ais-block",
+        "2",
+        "--ais-steps",
+        "5",
+        "--ais-chains",
+        "2",
+        "--data-dir",
+        str(data_dir),
+    ]
+    study.main(
+        [
+            "evaluate",
+            "--run",
+            vae,
+            *evaluation,
+            "--bdmc-points",
+            "3",
+            "--bdmc-steps",
+            "3,6",
+            "--gap-points",
+            "4",
+        ]
+    )
     study.main(["evaluate", "--run", iwae, *evaluation, "--stages", "is,ais"])
     assert len(np.load(tmp_path / "vae" / "is.npz")["log_px"]) == 12
     assert json.loads((tmp_path / "vae" / "gaps.json").read_text())["log_px_from"] == "ais"

@@ -17,10 +17,10 @@ from pyro.nn import PyroModule, PyroParam
 from torch import nn
 
 from pyrovae import VAE, VAEConfig
-from pyrovae.models.autoguide import AmortizedGuide
-from pyrovae.models.base import LocalParamsModule
 from pyrovae.checkpoint import read_checkpoint
 from pyrovae.data import load_digits
+from pyrovae.models.autoguide import AmortizedGuide
+from pyrovae.models.base import LocalParamsModule
 from pyrovae.models.latent_variable import LatentVariableModel
 
 D, Q = 6, 2
@@ -96,8 +96,14 @@ def test_svi_reproduces_fit_bitwise_with_the_same_seed(float64, pyro_elbo, name)
     x, batch, epochs, seed = binary_data(), 16, 3, 5
     fitted = VAE(num_features=64, latent_dim=4, hidden_sizes=(32,), seed=1)
     history = fitted.fit(
-        x, epochs=epochs, batch_size=batch, objective=name, learning_rate=1e-2, seed=seed,
-        progress=False, compile="none",
+        x,
+        epochs=epochs,
+        batch_size=batch,
+        objective=name,
+        learning_rate=1e-2,
+        seed=seed,
+        progress=False,
+        compile="none",
     )
     for scale, tolerance in ((1 / batch, 0.0), (1.0, 1e-7)):
         vae = VAE(num_features=64, latent_dim=4, hidden_sizes=(32,), seed=1)
@@ -107,7 +113,9 @@ def test_svi_reproduces_fit_bitwise_with_the_same_seed(float64, pyro_elbo, name)
         order = torch.Generator().manual_seed(seed)
         trajectory = []
         for _ in range(epochs):
-            total = sum(svi.step(x[i]) for i in torch.randperm(len(x), generator=order).split(batch))
+            total = sum(
+                svi.step(x[i]) for i in torch.randperm(len(x), generator=order).split(batch)
+            )
             trajectory.append(-total / (scale * len(x)))
         assert trajectory == pytest.approx(history.column("train_elbo"), rel=tolerance, abs=0)
         for mine, theirs in zip(vae.parameters(), fitted.parameters(), strict=True):
@@ -281,7 +289,9 @@ def test_a_tensor_no_optimizer_would_see_is_refused_before_training():
         def forward(self, x):
             with pyro.plate("data", x.shape[0]):
                 z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([Q]).to_event(1))
-                pyro.sample("x", dist.Normal(shift + z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+                pyro.sample(
+                    "x", dist.Normal(shift + z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x
+                )
 
     x = factor_data()
     model = ScopedParam()
@@ -324,8 +334,14 @@ def test_user_model_resumes_bitwise_from_its_checkpoint(tmp_path):
 def test_vae_load_then_save_keeps_optimizer_and_resume_state(tmp_path, digits):
     vae = VAE(num_features=64, latent_dim=2, hidden_sizes=(16,), seed=0)
     path = tmp_path / "model.pt"
-    vae.fit(digits.train[:128], binarize="dynamic", epochs=1, batch_size=64, progress=False,
-            checkpoint_path=path)
+    vae.fit(
+        digits.train[:128],
+        binarize="dynamic",
+        epochs=1,
+        batch_size=64,
+        progress=False,
+        checkpoint_path=path,
+    )
     again = tmp_path / "again.pt"
     VAE.load(path).save(again)
     loaded, reloaded = read_checkpoint(path), read_checkpoint(again)
@@ -348,7 +364,8 @@ def test_function_ppca_fit_reaches_the_closed_form_maximum_likelihood(float64, d
     def model(x):
         mean = pyro.param("mean", centre.clone())
         loadings = pyro.param(
-            "W", lambda: 0.1 * torch.randn(features, rank, generator=torch.Generator().manual_seed(0))
+            "W",
+            lambda: 0.1 * torch.randn(features, rank, generator=torch.Generator().manual_seed(0)),
         )
         noise = pyro.param("sigma", torch.tensor(1.0), constraint=constraints.positive)
         with pyro.plate("data", x.shape[0]):
@@ -367,9 +384,17 @@ def test_function_ppca_fit_reaches_the_closed_form_maximum_likelihood(float64, d
 
     fitted = LatentVariableModel(model, AmortizedGuide(model, train[:4], hidden_sizes=(64,)))
     fitted.fit(
-        train, valid, objective="trace_meanfield_elbo", epochs=600, batch_size=100,
-        learning_rate=1e-2, lr_schedule="plateau", lr_patience=20, min_learning_rate=1e-3,
-        seed=0, progress=False,
+        train,
+        valid,
+        objective="trace_meanfield_elbo",
+        epochs=600,
+        batch_size=100,
+        learning_rate=1e-2,
+        lr_schedule="plateau",
+        lr_patience=20,
+        min_learning_rate=1e-3,
+        seed=0,
+        progress=False,
     )
     params = fitted.pyro_params
     sigma = params.parameter("sigma").detach().exp()
@@ -391,8 +416,15 @@ def test_methods_of_one_module_train_identically_eager_and_compiled(float64):
         torch.manual_seed(0)
         program = FactorAnalysisModule()
         fitted = LatentVariableModel(program.model, program.guide)
-        fitted.fit(factor_data(), epochs=2, batch_size=40, learning_rate=1e-2, seed=1,
-                   compile=compile_mode, progress=False)
+        fitted.fit(
+            factor_data(),
+            epochs=2,
+            batch_size=40,
+            learning_rate=1e-2,
+            seed=1,
+            compile=compile_mode,
+            progress=False,
+        )
         return fitted.history_.column("train_elbo"), snapshot(program)
 
     (eager, eager_state), (graph, graph_state) = run("none"), run("graph")
@@ -416,7 +448,13 @@ def test_fit_trains_a_model_with_a_plate_nested_in_the_data_plate(compile_mode):
             pyro.sample("z", dist.Normal(weight * x.mean(-1, keepdim=True), 0.7))
 
     fitted = LatentVariableModel(model, guide)
-    history = fitted.fit(factor_data(), epochs=3, batch_size=40, learning_rate=5e-2,
-                         compile=compile_mode, progress=False)
+    history = fitted.fit(
+        factor_data(),
+        epochs=3,
+        batch_size=40,
+        learning_rate=5e-2,
+        compile=compile_mode,
+        progress=False,
+    )
     assert all(math.isfinite(value) for value in history.column("train_elbo"))
     assert not torch.equal(fitted.pyro_params.parameter("loc"), torch.zeros(D))

@@ -6,16 +6,13 @@ import re
 
 import pytest
 import torch
-
 from conftest import PROJECT_ROOT
 
 
 def python_blocks() -> list[str]:
     text = (PROJECT_ROOT / "README.md").read_text()
     blocks = re.findall(r"^( *)```python\n(.*?)^\1```", text, flags=re.S | re.M)
-    return [
-        "\n".join(line[len(indent) :] for line in body.splitlines()) for indent, body in blocks
-    ]
+    return ["\n".join(line[len(indent) :] for line in body.splitlines()) for indent, body in blocks]
 
 
 @pytest.mark.slow
@@ -28,7 +25,9 @@ def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     digits = namespace["digits"]
     # The own-model snippet names its data x, x_train, x_valid, x_test: the digits here.
     namespace.update(
-        x=digits.train.double().float(), x_train=digits.train, x_valid=digits.valid,
+        x=digits.train.double().float(),
+        x_train=digits.train,
+        x_valid=digits.valid,
         x_test=digits.test,
     )
     for number, block in enumerate(blocks[1:], start=2):

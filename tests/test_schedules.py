@@ -34,9 +34,18 @@ def digits():
     return load_digits()
 
 
-OPTIONS = dict(binarize="dynamic", batch_size=64, learning_rate=3e-3, seed=1, progress=False,
-               lr_schedule="plateau", lr_patience=1, lr_decay=0.5, min_learning_rate=1e-3,
-               compile="none")
+OPTIONS = dict(
+    binarize="dynamic",
+    batch_size=64,
+    learning_rate=3e-3,
+    seed=1,
+    progress=False,
+    lr_schedule="plateau",
+    lr_patience=1,
+    lr_decay=0.5,
+    min_learning_rate=1e-3,
+    compile="none",
+)
 
 
 def build() -> VAE:

@@ -154,7 +154,8 @@ class ParamRegistry(nn.Module):
         """Values for parameters not created yet wait until their first statement."""
         for key in list(state_dict):
             attribute = key[len(prefix) :]
-            if key.startswith(prefix) and "." not in attribute and attribute not in self._parameters:
+            fresh = "." not in attribute and attribute not in self._parameters
+            if key.startswith(prefix) and fresh:
                 self.pending_[_decode(attribute)] = state_dict[key].detach().clone()
         local = {k: v for k, v in state_dict.items() if k[len(prefix) :] in self._parameters}
         super()._load_from_state_dict(local, prefix, local_metadata, strict, *rest)
