@@ -458,3 +458,18 @@ def test_fit_trains_a_model_with_a_plate_nested_in_the_data_plate(compile_mode):
     )
     assert all(math.isfinite(value) for value in history.column("train_elbo"))
     assert not torch.equal(fitted.pyro_params.parameter("loc"), torch.zeros(D))
+
+
+def test_poutine_lift_still_turns_a_function_programs_parameters_into_samples():
+    """The registry answers param statements by wrapping their function, so a handler
+    outside (poutine.lift) still replaces the parameter by a draw from its prior."""
+    x = factor_data()
+    fitted = LatentVariableModel(ppca_model, AmortizedGuide(ppca_model, x[:4]))
+    fitted.prepare_parameters(x)
+    prior = {"W": dist.Normal(torch.full((D, Q), 5.0), 1.0).to_event(2)}
+    trace = poutine.trace(poutine.lift(fitted.model, prior=prior)).get_trace(x)
+    assert trace.nodes["W"]["type"] == "sample"
+    assert trace.nodes["W"]["value"].mean() > 3.0  # a draw from the prior, not the parameter
+    assert trace.nodes["sigma"]["type"] == "param"
+    plain = poutine.trace(fitted.model, param_only=True).get_trace(x)
+    assert plain.nodes["W"]["value"].unconstrained() is fitted.pyro_params.parameter("W")

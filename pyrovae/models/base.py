@@ -42,15 +42,27 @@ class ModuleParamSites(Messenger):
     which has no ``.unconstrained``; ``SVI.step`` then fails. This handler answers such a
     statement with :func:`unconstrained_handle` (the module itself ignores the statement's
     value). Constrained ``PyroParam`` values and real ``pyro.param`` calls pass unchanged.
+    The statement's function is wrapped rather than its value set, so that handlers outside
+    (``poutine.lift`` turning parameters into sample sites) still decide what it returns.
     """
 
     def _pyro_param(self, msg: dict) -> None:
         if msg["done"] or is_param_store_statement(msg):
             return
-        value = msg["fn"](*msg["args"], **msg["kwargs"])
+        msg["fn"] = with_handle(msg["fn"])
+
+
+def with_handle(statement):
+    """``statement`` (a stand-in ``param`` function) returning a bare parameter as its
+    :func:`unconstrained_handle`, any other value unchanged."""
+
+    def answer(*args, **kwargs):
+        value = statement(*args, **kwargs)
         if isinstance(value, torch.nn.Parameter) and not hasattr(value, "unconstrained"):
-            value = unconstrained_handle(value)
-        msg["value"], msg["done"] = value, True
+            return unconstrained_handle(value)
+        return value
+
+    return answer
 
 
 class LocalParamsModule(PyroModule):

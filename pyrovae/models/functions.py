@@ -34,6 +34,7 @@ from pyrovae.models.base import (
     is_param_store_statement,
     unconstrained_handle,
     unconstrained_parameter,
+    with_handle,
 )
 
 
@@ -179,35 +180,43 @@ class RegistryParams(Messenger):
         self.registry, self.owned = registry, owned
 
     def _pyro_param(self, msg: dict) -> None:
-        if msg["done"] or not is_param_store_statement(msg):
-            self._module_statement(msg)
-            return
-        args = msg["args"]
-        init = args[1] if len(args) > 1 else msg["kwargs"].get("init_tensor")
-        constraint = msg["kwargs"].get("constraint", constraints.real)
+        """Wrap the statement's function (handlers outside, e.g. ``poutine.lift``, may still
+        replace it); a statement another handler already answered is only adopted."""
+        if msg["done"]:
+            self._adopt(msg["name"], msg["value"])
+        elif is_param_store_statement(msg):
+            msg["fn"] = self._store_statement
+        else:
+            msg["fn"] = self._module_statement(msg["name"], msg["fn"])
+
+    def _store_statement(self, name: str, init=None, constraint=constraints.real, **_):
+        """What ``pyro.param(name, init, constraint)`` returns here."""
         store = pyro.get_param_store()
         if _is_live_tensor(init) and (id(init) in self.owned or not isinstance(init, nn.Parameter)):
             # pyro.module on a module already held here, or on one whose parameters are
             # substituted (torch.func.functional_call in a compiled step): nothing to own.
-            msg["value"] = unconstrained_handle(init)
-        elif init is None and id(store._params.get(msg["name"])) in self.owned:
+            return unconstrained_handle(init)
+        if init is None and id(store._params.get(name)) in self.owned:
             # A PyroParam of a held PyroModule on the global store: its own tensor, in the
             # store just now; read it there (the module is on the store: not compilable).
-            msg["value"] = self.registry.read_store(msg["name"])
-        else:
-            msg["value"] = self.registry.constrained(msg["name"], init, constraint)
-        msg["done"] = True
+            return self.registry.read_store(name)
+        return self.registry.constrained(name, init, constraint)
 
-    def _module_statement(self, msg: dict) -> None:
-        """A module-local PyroModule's own parameter: adopt the tensor behind it."""
-        if not msg["done"]:
-            msg["value"], msg["done"] = msg["fn"](*msg["args"], **msg["kwargs"]), True
-        parameter = unconstrained_parameter(msg["value"])
+    def _module_statement(self, name: str, statement):
+        """A module-local PyroModule's stand-in statement, adopting the tensor behind it."""
+        answer = with_handle(statement)
+
+        def adopted(*args, **kwargs):
+            value = answer(*args, **kwargs)
+            self._adopt(name, value)
+            return value
+
+        return adopted
+
+    def _adopt(self, name: str, value) -> None:
+        parameter = unconstrained_parameter(value)
         if parameter is not None and id(parameter) not in self.owned:
-            self.registry.adopt(msg["name"], parameter)
-        value = msg["value"]
-        if isinstance(value, nn.Parameter) and not hasattr(value, "unconstrained"):
-            msg["value"] = unconstrained_handle(value)
+            self.registry.adopt(name, parameter)
 
 
 def _is_live_tensor(value) -> bool:
