@@ -65,6 +65,7 @@ from pyrovae.data import (
     threshold,
 )
 from pyrovae.distributed import active_context, init_from_environment, shutdown
+from pyrovae.evaluation.importance import write_per_datapoint_csv
 from pyrovae.likelihoods import LIKELIHOODS, BernoulliLikelihood
 from pyrovae.networks import ACTIVATIONS
 from pyrovae.objectives import OBJECTIVES
@@ -2027,21 +2028,11 @@ def run_gaps(args: argparse.Namespace, explicit: set, out: Output) -> int:
     )
     if args.out is not None:
         try:
-            _gaps_csv(result, args.out)
+            write_per_datapoint_csv(result.per_datapoint, args.out)
         except OSError as error:
             raise CLIError(_write_failure(error, args.out)) from None
         out.summary(f"wrote per-datapoint gaps to {args.out}")
     return 0
-
-
-def _gaps_csv(result, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    names = list(result.per_datapoint)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["data_point", *names])
-        for index, row in enumerate(zip(*(result.per_datapoint[n] for n in names), strict=True)):
-            writer.writerow([index, *(f"{value:.6f}" for value in row)])
 
 
 # --------------------------------------------------------------------------- sample and plot

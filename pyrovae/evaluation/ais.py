@@ -59,7 +59,6 @@ decoder-based generative models. ICLR.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,6 +73,7 @@ from tqdm.auto import tqdm
 
 from pyrovae.evaluation.bounds import importance_estimate
 from pyrovae.evaluation.hmc import PathState, hmc_transition
+from pyrovae.evaluation.importance import summary_rows, write_per_datapoint_csv
 from pyrovae.evaluation.traces import (
     PARTICLE_PLATE,
     _batched_length,
@@ -456,11 +456,6 @@ def anneal_reverse(
 # ------------------------------------------------------------------------------- results
 
 
-def _mean_and_se(values: np.ndarray) -> tuple[float, float]:
-    spread = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.nan
-    return float(values.mean()), float(spread)
-
-
 @dataclass
 class _Result:
     per_datapoint: dict[str, np.ndarray]
@@ -476,11 +471,7 @@ class _Result:
 
     def summary(self) -> list[dict]:
         """Rows (quantity, mean, standard error of the mean over data points)."""
-        rows = []
-        for name in self.QUANTITIES:
-            mean, se = _mean_and_se(self.per_datapoint[name])
-            rows.append({"quantity": name, "mean": mean, "se": se})
-        return rows
+        return summary_rows(self.per_datapoint, self.QUANTITIES)
 
     def _header(self) -> str:
         return (
@@ -506,15 +497,7 @@ class _Result:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write the per-datapoint columns, one row per data point."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        names = list(self.per_datapoint)
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["data_point", *names])
-            for index, row in enumerate(zip(*(self.per_datapoint[n] for n in names), strict=True)):
-                writer.writerow([index, *(f"{value:.6f}" for value in row)])
-        return path
+        return write_per_datapoint_csv(self.per_datapoint, path)
 
 
 @dataclass

@@ -34,7 +34,12 @@ import torch
 from pyro import poutine
 from torch.distributions import Independent, Normal
 
-from pyrovae.evaluation.importance import data_fingerprint, evaluate, per_point_tensors
+from pyrovae.evaluation.importance import (
+    data_fingerprint,
+    evaluate,
+    per_point_tensors,
+    summary_rows,
+)
 from pyrovae.evaluation.traces import (
     _batched_length,
     _sample_sites,
@@ -351,12 +356,7 @@ class GapResult:
 
     def summary(self) -> list[dict]:
         """Rows (quantity, mean, standard error of the mean over data points)."""
-        rows = []
-        for name in QUANTITIES:
-            values = self.per_datapoint[name]
-            se = values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-            rows.append({"quantity": name, "mean": float(values.mean()), "se": float(se)})
-        return rows
+        return summary_rows(self.per_datapoint, QUANTITIES)
 
     def table(self) -> str:
         lines = [

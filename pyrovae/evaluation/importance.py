@@ -92,6 +92,30 @@ REDUCTION_BYTES_PER_PAIR = 512
 AIS_COMMAND = "pyrovae evaluate --model MODEL --method ais"
 
 
+def summary_rows(per_datapoint: dict, names) -> list[dict]:
+    """Rows (quantity, mean, standard error of the mean over data points) of the named
+    per-datapoint columns; the SE is NaN for a single point."""
+    rows = []
+    for name in names:
+        values = np.asarray(per_datapoint[name], dtype=np.float64)
+        se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.nan
+        rows.append({"quantity": name, "mean": float(values.mean()), "se": float(se)})
+    return rows
+
+
+def write_per_datapoint_csv(per_datapoint: dict, path: str | Path) -> Path:
+    """Write per-datapoint columns to ``path``, one row per data point (index first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(per_datapoint)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["data_point", *names])
+        for index, row in enumerate(zip(*(per_datapoint[n] for n in names), strict=True)):
+            writer.writerow([index, *(f"{value:.6f}" for value in row)])
+    return path
+
+
 @dataclass
 class EvaluationResult:
     """Per-datapoint bounds and diagnostics, with summaries and exports.
@@ -144,12 +168,7 @@ class EvaluationResult:
 
     def summary(self) -> list[dict]:
         """Rows (name, mean, standard error over data points) for each bound and the gap."""
-        rows = []
-        for name in self.bound_names():
-            values = self.per_datapoint[name]
-            spread = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.nan
-            rows.append({"quantity": name, "mean": float(values.mean()), "se": float(spread)})
-        return rows
+        return summary_rows(self.per_datapoint, self.bound_names())
 
     def table(self) -> str:
         """The summary as aligned text, with the diagnostics below it."""
@@ -227,15 +246,7 @@ class EvaluationResult:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write the per-datapoint columns, one row per data point."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        names = list(self.per_datapoint)
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["data_point", *names])
-            for index, row in enumerate(zip(*(self.per_datapoint[n] for n in names), strict=True)):
-                writer.writerow([index, *(f"{value:.6f}" for value in row)])
-        return path
+        return write_per_datapoint_csv(self.per_datapoint, path)
 
     def to_arviz(self):
         """Export to ArviZ (InferenceData in 0.x, DataTree in 1.x), group ``"evaluation"``,
