@@ -73,6 +73,12 @@ class SiteStructure:
     subsampled: dict = field(default_factory=dict)
     own_scale: object = 1.0
     family: str = ""
+    enumerable: bool = False
+    enumerate: str | None = None
+
+    @property
+    def discrete(self) -> bool:
+        return not self.observed and self.support is not None and self.support.is_discrete
 
     @property
     def scaled(self) -> bool:
@@ -117,6 +123,11 @@ class ModelStructure:
     @property
     def latent_sites(self) -> list[SiteStructure]:
         return [s for s in self.sites.values() if not s.observed]
+
+    @property
+    def discrete_sites(self) -> list[str]:
+        """Discrete latent sites, summed out by enumeration."""
+        return [s.name for s in self.latent_sites if s.discrete]
 
     @property
     def per_point_scales(self) -> dict[str, tuple]:
@@ -172,6 +183,7 @@ def check_structure(
     ValueError
         Naming the site, what is wrong and what to change.
     """
+    _refuse_whole_model_autoguide(guide)
     if probe_rows is not None:
         args, kwargs = _probe_rows(args, kwargs, data_kwargs, probe_rows)
     with private_randomness(args, kwargs), torch.no_grad(), poutine.block():
@@ -182,9 +194,27 @@ def check_structure(
         data_dim = _data_plate_dim(model_trace, data_plate)
         _check_guide(sites, guide_trace, data_plate, data_dim)
         structure = ModelStructure(data_plate, data_dim, max_plate_nesting, True, sites)
+        _check_enumeration(model, guide, args, kwargs, structure)
         structure.why_sequential = _particle_problem(model, guide, args, kwargs, structure)
     structure.vectorized = structure.why_sequential is None
     return structure
+
+
+def _refuse_whole_model_autoguide(guide) -> None:
+    """Pyro's autoguides are not amortized: their parameters are sized on the first call (one
+    set per data point seen then), which per-datapoint estimators on other batches would
+    break or, worse, misalign."""
+    from pyro.infer.autoguide import AutoGuide
+
+    program = getattr(guide, "function", guide)  # a PyroFunction's program
+    program = getattr(program, "__self__", program)
+    if isinstance(program, AutoGuide):
+        raise ValueError(
+            f"the guide is Pyro's {type(program).__name__}, which keeps one set of parameters "
+            "per data point of the data it first saw (it is not amortized), so it cannot give "
+            "per-datapoint bounds on other data or minibatches. Use AmortizedGuide for the "
+            "local latent sites (an autoguide can guide global sites beside it)"
+        )
 
 
 def _probe_rows(args: tuple, kwargs: dict, data_kwargs, count: int) -> tuple[tuple, dict]:
@@ -284,6 +314,8 @@ def _site_structures(trace, data_plate: str, data_dim: int) -> dict[str, SiteStr
             },
             own_scale=own_scale(site),
             family=_family(fn),
+            enumerable=bool(getattr(fn, "has_enumerate_support", False)),
+            enumerate=site["infer"].get("enumerate"),
         )
     return structures
 
@@ -311,14 +343,32 @@ def _check_sites(sites: dict[str, SiteStructure], data_plate: str) -> None:
                 "training would count its KL once per minibatch. Make it a parameter "
                 "(pyro.param), or move it inside the plate as one variable per data point"
             )
-        if site.support is not None and site.support.is_discrete:
-            raise ValueError(
-                f"latent site {site.name!r} is discrete ({site.family}, support "
-                f"{site.support}): the estimators here need reparameterized (continuous) "
-                "latent sites. Sum it out in the model (e.g. a MixtureSameFamily "
-                "distribution), relax it (RelaxedOneHotCategorical), or fit it with Pyro's "
-                "TraceGraph_ELBO / TraceEnum_ELBO"
-            )
+        if site.discrete:
+            _check_enumerable(site)
+
+
+def _check_enumerable(site: SiteStructure) -> None:
+    """A discrete latent site is summed out exactly when it can be enumerated in parallel,
+    one variable per data point (directly in the data plate)."""
+    problem = None
+    if not site.enumerable:
+        problem = f"its {site.family} distribution has no finite support to enumerate"
+    elif site.enumerate == "sequential":
+        problem = "it is marked for sequential enumeration"
+    elif site.inner_plates:
+        plates = ", ".join(map(repr, site.inner_plates))
+        problem = (
+            f"it lies in plate(s) {plates} inside the data plate (a discrete variable per "
+            "plate element, e.g. a Markov chain, needs sequential/Markov enumeration)"
+        )
+    if problem is not None:
+        raise ValueError(
+            f"latent site {site.name!r} is discrete ({site.family}, support {site.support}) "
+            f"and cannot be summed out here: {problem}. The estimators here sum out discrete "
+            "sites by parallel enumeration, one variable per data point; otherwise sum it "
+            "out in the model (e.g. MixtureSameFamily or a forward algorithm), relax it "
+            "(RelaxedOneHotCategorical), or fit it with Pyro's TraceEnum_ELBO / TraceGraph_ELBO"
+        )
 
 
 def _check_guide(sites: dict, guide_trace, data_plate: str, data_dim: int) -> None:
@@ -326,6 +376,12 @@ def _check_guide(sites: dict, guide_trace, data_plate: str, data_dim: int) -> No
     for site in sites.values():
         if site.observed or site.name not in guide_sites:
             continue  # a missing guide site is named by the traces' own check
+        if site.discrete:
+            raise ValueError(
+                f"the guide samples the discrete site {site.name!r}: the estimators here need "
+                "reparameterized guide sites, and sum discrete sites out exactly in the model "
+                "instead. Leave it out of the guide (AmortizedGuide does): it is enumerated"
+            )
         guide_site = guide_sites[site.name]
         _check_shapes(site, guide_site)
         _check_masks(site, guide_site)
@@ -413,6 +469,36 @@ def _mask_words(mask: torch.Tensor | None) -> str:
     if mask is None:
         return "unmasked"
     return f"{int(mask.sum())} of {mask.numel()} entries kept"
+
+
+def _check_enumeration(model, guide, args, kwargs, structure: ModelStructure) -> None:
+    """Refuse, naming the sites, a model whose code does not run with its discrete sites
+    enumerated (each gets a dimension of its own, left of the plates)."""
+    discrete = [s.name for s in structure.latent_sites if s.discrete]
+    if not discrete:
+        return
+    try:
+        run_traces(
+            model,
+            guide,
+            args,
+            kwargs,
+            1,
+            structure.data_plate,
+            structure.max_plate_nesting,
+            site_scales=True,
+            vectorized=False,
+        )
+    except Exception as error:  # noqa: BLE001 - reported with its first line
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"the model fails with its discrete site(s) {', '.join(map(repr, discrete))} "
+            f"enumerated ({type(error).__name__}: {first}). The estimators here sum them out "
+            "by parallel enumeration, which gives each a dimension of its own left of the "
+            "plates: write the code after them to broadcast over leading dimensions (index "
+            "and expand from the right, e.g. .expand(y.shape + (D,)) rather than "
+            ".expand([N, D]))"
+        ) from error
 
 
 # --------------------------------------------------------------------------- particles
