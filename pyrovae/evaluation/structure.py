@@ -378,9 +378,11 @@ def _check_guide(sites: dict, guide_trace, data_plate: str, data_dim: int) -> No
             continue  # a missing guide site is named by the traces' own check
         if site.discrete:
             raise ValueError(
-                f"the guide samples the discrete site {site.name!r}: the estimators here need "
-                "reparameterized guide sites, and sum discrete sites out exactly in the model "
-                "instead. Leave it out of the guide (AmortizedGuide does): it is enumerated"
+                f"the guide samples the discrete site {site.name!r} ({site.family}): the "
+                "estimators here need reparameterized guide sites, and sum discrete sites out "
+                "exactly in the model instead. Leave it out of the guide (AmortizedGuide does) "
+                "and it is enumerated; a sampled discrete guide needs score-function gradients "
+                "(Pyro's TraceGraph_ELBO)"
             )
         guide_site = guide_sites[site.name]
         _check_shapes(site, guide_site)
@@ -547,9 +549,13 @@ def _one_draw_terms(model, guide, args, kwargs, together, k: int, structure) -> 
 
 
 def _close(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Equal up to rounding (non-finite entries must sit at the same places)."""
     tolerance = 1e-9 if first.dtype == torch.float64 else 1e-4
-    scale = 1.0 + float(second.abs().max()) if second.numel() else 1.0
-    return bool(torch.allclose(first, second, rtol=tolerance, atol=tolerance * scale))
+    finite = second[torch.isfinite(second)]
+    scale = 1.0 + float(finite.abs().max()) if finite.numel() else 1.0
+    return bool(
+        torch.allclose(first, second, rtol=tolerance, atol=tolerance * scale, equal_nan=True)
+    )
 
 
 __all__ = [
