@@ -29,6 +29,7 @@ from pyrovae.config import TrainConfig
 from pyrovae.evaluation.importance import evaluate
 from pyrovae.evaluation.traces import guess_max_plate_nesting, particle_terms
 from pyrovae.models.functions import ParamRegistry, PyroFunction, as_pyro_modules
+from pyrovae.models.modes import evaluates
 from pyrovae.training import History, fit
 from pyrovae.validation import (
     as_data_tensor,
@@ -259,6 +260,7 @@ class LatentVariableModel(nn.Module):
         )
 
     # -- evaluation --------------------------------------------------------------------
+    @evaluates("self")
     def elbo_of(
         self,
         inputs: tuple,
@@ -283,11 +285,13 @@ class LatentVariableModel(nn.Module):
         per_draw = terms.log_p_obs - terms.kl if analytic_kl else terms.log_weights
         return per_draw.double().mean(0)
 
+    @evaluates("self")
     def evaluate_of(self, inputs: tuple, **options):
         """:func:`pyrovae.evaluation.importance.evaluate` of already validated inputs."""
         options = sampling_options(options)  # NumPy values accepted, checked before drawing
         return evaluate(self.model, self.guide, *inputs, data_plate=self.data_plate, **options)
 
+    @evaluates("self")
     def elbo(
         self,
         *args,
@@ -300,6 +304,7 @@ class LatentVariableModel(nn.Module):
         KL term in closed form with ``analytic_kl`` where the guide and prior allow it."""
         return self.elbo_of(self.inputs(*args), num_samples, analytic_kl, seed, max_pairs)
 
+    @evaluates("self")
     def evaluate(
         self,
         *args,
