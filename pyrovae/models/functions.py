@@ -123,8 +123,9 @@ def pyro_parameters(module: nn.Module, prefix: str | None = None):
         if isinstance(child, PyroModule):
             yield from pyro_parameters(child, _joined(prefix, attribute))
             continue
+        module_name = _joined(prefix, attribute)  # its pyro.module statement's name
         for path, parameter in child.named_parameters():
-            yield param_with_module_name(_joined(prefix, attribute), path), parameter, constraints.real
+            yield param_with_module_name(module_name, path), parameter, constraints.real
 
 
 def _joined(prefix: str, name: str) -> str:

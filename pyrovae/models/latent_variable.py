@@ -25,6 +25,8 @@ import pyro.util
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
+from pyro.nn import PyroModule
+from pyro.params.param_store import ParamStoreDict
 from torch import nn
 from torch.distributions import transform_to
 
@@ -224,22 +226,19 @@ class LatentVariableModel(nn.Module):
         guide name; a name the two programs give different tensors appears as
         ``"model:name"`` and ``"guide:name"``."""
         found: dict[str, dict[str, tuple]] = {}
-        registry = self.pyro_params
         for role, program in (("model", self.model), ("guide", self.guide)):
-            entries = []
-            if isinstance(program, PyroFunction):
-                owner = program.owner_module()
-                if isinstance(owner, pyro.nn.PyroModule):
-                    entries += pyro_parameters(owner)
-            else:
-                entries += pyro_parameters(program)
-            for name, tensor, constraint in entries:
-                found.setdefault(name, {})[role] = (tensor, constraint)
+            if isinstance(program, PyroFunction):  # its module, if a PyroModule; else by call
+                program = program.owner_module()
+            if isinstance(program, PyroModule):
+                for name, tensor, constraint in pyro_parameters(program):
+                    found.setdefault(name, {})[role] = (tensor, constraint)
+        registry = self.pyro_params
         if registry is not None:
-            sources = [(n, registry.parameter(n), registry.constraints_.get(n)) for n in registry.names()]
-            sources += [(n, t, c) for n, (t, c) in registry.seen_.items()]
-            for name, tensor, constraint in sources:
-                found.setdefault(name, {}).setdefault("registry", (tensor, constraint or constraints.real))
+            for name in registry.names():
+                constraint = registry.constraints_.get(name, constraints.real)
+                found.setdefault(name, {})["registry"] = (registry.parameter(name), constraint)
+            for name, entry in registry.seen_.items():
+                found.setdefault(name, {}).setdefault("registry", entry)
         table = {}
         for name, by_role in found.items():
             tensors = {id(tensor) for tensor, _ in by_role.values()}
@@ -288,15 +287,16 @@ class LatentVariableModel(nn.Module):
                 f"parameter {name!r} was loaded but not created yet (its constraint is set by "
                 "its pyro.param statement): call the model once, e.g. fitted.elbo(x)"
             )
-        if any(known.endswith(f":{name}") for known in table):
-            return f"{name!r} names different tensors in the model and guide: ask for " + " or ".join(
-                repr(k) for k in table if k.endswith(f":{name}")
+        qualified = [repr(known) for known in table if known.endswith(f":{name}")]
+        if qualified:
+            return f"{name!r} names different tensors in the model and guide: ask for " + (
+                " or ".join(qualified)
             )
         known = ", ".join(map(repr, sorted(table))) or "none"
         return f"no parameter named {name!r}; known Pyro names: {known}"
 
     @contextlib.contextmanager
-    def param_store(self) -> Iterator[pyro.params.param_store.ParamStoreDict]:
+    def param_store(self) -> Iterator[ParamStoreDict]:
         """Pyro's global parameter store holding this model's fitted parameters, for the
         duration of a ``with`` block: inside it, Pyro's own ``pyro.param(name)`` returns the
         fitted constrained value (computed from the same live unconstrained tensor, as Pyro
