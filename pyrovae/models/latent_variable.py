@@ -41,7 +41,7 @@ from pyrovae.models.functions import (
     parameter_mismatch,
     pyro_parameters,
 )
-from pyrovae.models.modes import evaluates
+from pyrovae.models.modes import evaluates, evaluation_mode
 from pyrovae.training import History, fit
 from pyrovae.validation import (
     as_data_tensor,
@@ -502,7 +502,9 @@ class LatentVariableModel(nn.Module):
         """Write parameters, optimizer state and history to one file (atomically); a
         ``training_state`` (from :func:`pyrovae.training.fit`, or kept from :meth:`load`)
         makes it resumable. The file holds tensors and plain data only: loading it never
-        runs code (``torch.load(weights_only=True)``), and the model's code is not in it."""
+        runs code (``torch.load(weights_only=True)``), and the model's code is not in it.
+        With function-style programs it also holds the first (at most two) training data
+        points, on which :meth:`load` creates and checks their parameters."""
         payload = self.payload(metadata, training_state, include_training_state)
         return write_checkpoint(payload, path)
 
@@ -575,7 +577,8 @@ class LatentVariableModel(nn.Module):
         ):
             raise TypeError("the probe inputs are not a list of tensors with data rows")
         try:
-            self.prepare_parameters(*probe)
+            with evaluation_mode(self, warn=False):  # no batch statistics updated, no dropout
+                self.prepare_parameters(*probe)
         except Exception as error:
             raise ValueError(
                 f"the model and guide fail on the first data points saved in the file "

@@ -28,6 +28,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+from pyrovae.models.functions import PyroFunction
+
 NOTE = "evaluating with dropout off and BatchNorm running statistics"
 """Start of the one-line warning :func:`evaluation_mode` gives when it switches layers."""
 
@@ -60,8 +62,6 @@ def modules_behind(program, label: str = "") -> list[tuple[str, nn.Module]]:
     ``program`` may be an ``nn.Module`` (a :class:`~pyrovae.models.functions.PyroFunction`
     contributes its owner module and the modules its function names), a bound method of
     one, or a function; anything else has none."""
-    from pyrovae.models.functions import PyroFunction  # functions imports this module's users
-
     found: list[tuple[str, nn.Module]] = []
     if isinstance(program, PyroFunction):
         owner = program.owner_module()
