@@ -54,6 +54,9 @@ from pyrovae.validation import (
 class LatentVariableModel(nn.Module):
     """Fit and evaluate a Pyro ``model`` with an amortized ``guide``.
 
+    Fitted values are read by their Pyro names: :meth:`param`, :meth:`named_pyro_params`,
+    and Pyro's own ``pyro.param(name)`` inside ``with fitted.param_store():``.
+
     Parameters
     ----------
     model, guide : torch.nn.Module or callable
@@ -79,9 +82,6 @@ class LatentVariableModel(nn.Module):
         The first (at most two) data points of the last :meth:`prepare_parameters` (the
         training data's); saved with function-style programs so that :meth:`load` can
         create their parameters and check them against the file before returning.
-
-    Fitted values are read by their Pyro names: :meth:`param`, :meth:`named_pyro_params`,
-    and Pyro's own ``pyro.param(name)`` inside ``with fitted.param_store():``.
     """
 
     max_plate_nesting: int | None = None
