@@ -71,7 +71,7 @@ def test_guide_refuses_global_and_discrete_latents():
             )
 
     x = torch.randn(5, 3)
-    with pytest.raises(ValueError, match="latent site 'scale' is outside the plate 'data'"):
+    with pytest.raises(ValueError, match=r"latent site 'scale' is global \(outside"):
         AmortizedGuide(global_latent, x)
     with pytest.raises(ValueError, match="latent site 'c' is discrete"):
         AmortizedGuide(discrete_latent, x)

@@ -76,10 +76,12 @@ _TERM_NAMES = ("log_p_obs", "log_p_latent", "log_q", "kl")
 
 
 def _sample_sites(trace) -> dict:
+    """Sample sites with a log density (``pyro.deterministic`` sites, whose log density is
+    identically zero, left out)."""
     return {
         name: site
         for name, site in prune_subsample_sites(trace).nodes.items()
-        if site["type"] == "sample"
+        if site["type"] == "sample" and not site["infer"].get("_deterministic")
     }
 
 
@@ -286,6 +288,7 @@ class ParticleTraces:
     guide: Callable | None = None
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
+    vectorized: bool = True
 
     def __post_init__(self):
         self.model_sites = _sample_sites(self.model_trace)
@@ -360,7 +363,12 @@ class ParticleTraces:
             raise ValueError("guide_score_density needs the guide: build the traces by run_traces")
         particle_dim = -(self.max_plate_nesting + 1)
         replayed_guide = poutine.replay(self.guide, trace=_detached(self.guide_trace))
-        with poutine.block(), pyro.plate(PARTICLE_PLATE, self.num_particles, dim=particle_dim):
+        particles = (
+            pyro.plate(PARTICLE_PLATE, self.num_particles, dim=particle_dim)
+            if self.vectorized
+            else contextlib.nullcontext()
+        )
+        with poutine.block(), particles:
             trace = poutine.trace(replayed_guide).get_trace(*self.args, **self.kwargs)
         sites = _sample_sites(trace)
         total = 0.0
@@ -381,14 +389,24 @@ def run_traces(
     block: bool = True,
     alias_latents: bool = False,
     site_scales: bool = False,
-) -> ParticleTraces:
+    vectorized: bool = True,
+) -> ParticleTraces | SequentialTraces:
     """Trace the guide and then the model replayed on its draws, K draws per data point,
     vectorized with an extra plate left of the model's plates. Keeps autograd history.
 
     ``block=False`` lets outer handlers see the sites (e.g. SVI collecting ``pyro.param``
     sites); ``alias_latents`` replays the model on autograd aliases of the draws (see
-    :func:`trace_pair`); ``site_scales`` see :class:`ParticleTraces`.
+    :func:`trace_pair`); ``site_scales`` see :class:`ParticleTraces`. ``vectorized=False``
+    (a program written for one draw, see :mod:`pyrovae.evaluation.structure`) runs the K
+    draws one per pass, without a particle plate: :class:`SequentialTraces`.
     """
+    if not vectorized:
+        options = dict(block=block, alias_latents=alias_latents, site_scales=site_scales)
+        parts = [
+            _single_pass(model, guide, args, kwargs, data_plate, max_plate_nesting, **options)
+            for _ in range(num_particles)
+        ]
+        return SequentialTraces(parts)
     particle_dim = -(max_plate_nesting + 1)
     blocker = poutine.block() if block else contextlib.nullcontext()
     with blocker, pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
@@ -408,6 +426,54 @@ def run_traces(
     )
 
 
+def _single_pass(
+    model, guide, args, kwargs, data_plate, max_plate_nesting, block, alias_latents, site_scales
+) -> ParticleTraces:
+    """One draw per data point, without a particle plate (K = 1)."""
+    blocker = poutine.block() if block else contextlib.nullcontext()
+    with blocker:
+        model_trace, guide_trace = trace_pair(model, guide, args, kwargs, alias_latents)
+    return ParticleTraces(
+        model_trace,
+        guide_trace,
+        1,
+        data_plate,
+        max_plate_nesting,
+        _data_plate_size(model_trace, data_plate),
+        site_scales=site_scales,
+        guide=guide,
+        args=args,
+        kwargs=kwargs,
+        vectorized=False,
+    )
+
+
+class SequentialTraces:
+    """K single-draw passes (:class:`ParticleTraces` with K = 1, no particle plate) standing
+    in for one vectorized pass, for programs written for one draw; the per-datapoint terms
+    are the passes' stacked along the draw axis, so every estimator gives the same numbers."""
+
+    def __init__(self, parts: list[ParticleTraces]):
+        self.parts = parts
+        first = parts[0]
+        self.model_sites, self.guide_sites = first.model_sites, first.guide_sites
+        self.data_plate, self.data_size = first.data_plate, first.data_size
+        self.max_plate_nesting, self.outer_scale = first.max_plate_nesting, first.outer_scale
+
+    @property
+    def num_particles(self) -> int:
+        return len(self.parts)
+
+    @property
+    def latent_names(self) -> list[str]:
+        return self.parts[0].latent_names
+
+    def guide_score_density(self) -> torch.Tensor | None:
+        """:meth:`ParticleTraces.guide_score_density` of each pass, stacked: (K, N)."""
+        scores = [part.guide_score_density() for part in self.parts]
+        return None if scores[0] is None else torch.cat(scores, 0)
+
+
 def trace_terms(
     model: Callable,
     guide: Callable,
@@ -416,14 +482,32 @@ def trace_terms(
     num_particles: int,
     data_plate: str,
     max_plate_nesting: int,
+    vectorized: bool = True,
+    site_scales: bool = False,
 ) -> ParticleTerms:
-    """Trace guide and model once, with ``num_particles`` vectorized draws per data point."""
-    traces = run_traces(model, guide, args, kwargs, num_particles, data_plate, max_plate_nesting)
+    """Trace guide and model once, with ``num_particles`` draws per data point (in one
+    vectorized pass, or one per pass with ``vectorized=False``)."""
+    traces = run_traces(
+        model,
+        guide,
+        args,
+        kwargs,
+        num_particles,
+        data_plate,
+        max_plate_nesting,
+        vectorized=vectorized,
+        site_scales=site_scales,
+    )
     return reduce_terms(traces)
 
 
-def reduce_terms(traces: ParticleTraces, with_kl: bool = True) -> ParticleTerms:
+def reduce_terms(
+    traces: ParticleTraces | SequentialTraces, with_kl: bool = True
+) -> ParticleTerms:
     """Per-datapoint log densities of every site; ``with_kl=False`` skips the KL terms (zeros)."""
+    if isinstance(traces, SequentialTraces):
+        parts = [reduce_terms(part, with_kl) for part in traces.parts]
+        return ParticleTerms.concatenate(parts, dim=0)
     terms = {name: 0.0 for name in _TERM_NAMES}
     all_analytic = with_kl
     for name, site in traces.model_sites.items():
@@ -581,6 +665,8 @@ def particle_terms(
     max_plate_nesting: int | None = None,
     progress: Callable[[int], None] | None = None,
     data_kwargs: Sequence[str] | None = None,
+    vectorized: bool = True,
+    site_scales: bool = False,
     **kwargs,
 ) -> ParticleTerms:
     """Per-datapoint log densities for ``num_particles`` draws, in chunks over particles and data.
@@ -604,6 +690,13 @@ def particle_terms(
         Keyword arguments that hold per-datapoint data (sliced with the positional data when
         chunking). Omitted: a keyword tensor with one row per data point is refused as
         ambiguous; ``()`` passes every keyword argument whole. See the module docstring.
+    vectorized : bool
+        Draw the particles in one vectorized pass (``False``: one draw per pass, for programs
+        written for one draw; see :mod:`pyrovae.evaluation.structure`).
+    site_scales : bool
+        Accept site-specific scales (a tensor ``poutine.scale``, e.g. a weight per data
+        point), each multiplying its site's terms, as the ELBO does; for terms averaged over
+        draws only (see :class:`ParticleTraces`).
 
     Returns
     -------
@@ -637,6 +730,8 @@ def particle_terms(
                     k_stop - k_start,
                     data_plate,
                     max_plate_nesting,
+                    vectorized,
+                    site_scales,
                 )
                 for k_start, k_stop in chunk_bounds(num_particles, particle_chunk)
             ]

@@ -33,7 +33,8 @@ from torch.distributions import transform_to
 from pyrovae.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from pyrovae.config import TrainConfig
 from pyrovae.evaluation.importance import evaluate
-from pyrovae.evaluation.traces import guess_max_plate_nesting, particle_terms
+from pyrovae.evaluation.structure import ModelStructure, check_structure
+from pyrovae.evaluation.traces import particle_terms
 from pyrovae.models.functions import (
     ParamRegistry,
     PyroFunction,
@@ -121,14 +122,37 @@ class LatentVariableModel(nn.Module):
         return torch.get_default_dtype() if parameter is None else parameter.dtype
 
     # -- parameters --------------------------------------------------------------------
+    def structure(self, *inputs: torch.Tensor) -> ModelStructure:
+        """The checked structure of model and guide (see
+        :func:`pyrovae.evaluation.structure.check_structure`), found once per kind of input
+        by running them on the first data points, on private random streams (every seeded
+        draw that follows is unchanged).
+
+        Raises
+        ------
+        ValueError
+            A model and guide that an estimator here would get wrong (a global or discrete
+            latent site, shapes or masks that disagree, ...), naming the site and the fix.
+        """
+        key = tuple((t.dtype, tuple(t.shape[1:])) for t in inputs)
+        cache = self.__dict__.setdefault("_structures", {})
+        if key not in cache:
+            with evaluation_mode(self, warn=False):  # dropout would fail the particle check
+                cache[key] = check_structure(
+                    self.model,
+                    self.guide,
+                    *inputs,
+                    data_plate=self.data_plate,
+                    max_plate_nesting=self.max_plate_nesting,
+                )
+        return cache[key]
+
     def plate_nesting(self, *inputs: torch.Tensor) -> int:
-        """:attr:`max_plate_nesting`, or, when it is ``None``, the depth found by running
-        model and guide once on the first data point(s), leaving every seeded draw that
-        follows unchanged (Pyro's own guess would consume random numbers)."""
+        """:attr:`max_plate_nesting`, or, when it is ``None``, the depth found by
+        :meth:`structure`."""
         if self.max_plate_nesting is not None:
             return self.max_plate_nesting
-        probe = tuple(t[: min(2, t.shape[0])] for t in inputs)
-        return guess_max_plate_nesting(self.model, self.guide, *probe)
+        return self.structure(*inputs).max_plate_nesting
 
     def compile_obstacle(self) -> str | None:
         """Why a compiled step (``compile="graph"``/``"inductor"``) cannot train this model,
@@ -321,8 +345,12 @@ class LatentVariableModel(nn.Module):
     # -- data --------------------------------------------------------------------------
     def inputs(self, *args, name: str = "data") -> tuple[torch.Tensor, ...]:
         """Validated model inputs: numeric, finite, non-empty, with one row per data point,
-        on the parameters' device and floating dtype."""
-        tensors = tuple(as_data_tensor(arg, f"{name} argument {i}") for i, arg in enumerate(args))
+        on the parameters' device; floating inputs in the parameters' dtype, integer and
+        boolean inputs (labels, masks) in their own."""
+        tensors = tuple(
+            as_data_tensor(arg, f"{name} argument {i}", keep_dtype=True)
+            for i, arg in enumerate(args)
+        )
         if not tensors:
             raise ValueError(f"{name}: pass the data tensor(s) the model takes")
         rows = {t.shape[0] if t.dim() else None for t in tensors}
@@ -347,6 +375,17 @@ class LatentVariableModel(nn.Module):
 
         Any objective can try a user's model; :class:`pyrovae.VAE` refuses analytic-KL
         objectives for families without a closed-form KL."""
+
+    def check_training_structure(self, config: TrainConfig, *inputs: torch.Tensor) -> None:
+        """Refuse, before the first step, a model and guide that ``config``'s objective would
+        get wrong: :meth:`structure`'s checks, and a tensor scale (a weight per data point)
+        with an objective that takes a log-sum-exp over draws (IWAE, Rényi, DReG)."""
+        from pyrovae.objectives import OBJECTIVES, ParticleObjective
+
+        structure = self.structure(*inputs)
+        cls = OBJECTIVES[config.objective]
+        if issubclass(cls, ParticleObjective) and not cls.linear:
+            structure.require_common_scale(f"objective={config.objective!r}")
 
     def fit(
         self,
@@ -391,6 +430,7 @@ class LatentVariableModel(nn.Module):
         """Per-datapoint ELBO (nats, float64, shape (N,)) of already validated inputs."""
         checked = sampling_options(dict(num_samples=num_samples, seed=seed, max_pairs=max_pairs))
         num_samples, seed, max_pairs = (checked[k] for k in ("num_samples", "seed", "max_pairs"))
+        structure = self.structure(*inputs)
         if seed is not None:
             pyro.set_rng_seed(seed)
         terms = particle_terms(
@@ -400,6 +440,9 @@ class LatentVariableModel(nn.Module):
             num_particles=num_samples,
             data_plate=self.data_plate,
             max_pairs=max_pairs,
+            max_plate_nesting=structure.max_plate_nesting,
+            vectorized=structure.vectorized,
+            site_scales=True,
         )
         per_draw = terms.log_p_obs - terms.kl if analytic_kl else terms.log_weights
         return per_draw.double().mean(0)
