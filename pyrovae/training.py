@@ -249,7 +249,7 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
     obstacle = vae.compile_obstacle()
     if obstacle is not None and mode in ("graph", "inductor"):
         raise ValueError(f"compile={mode!r}: {obstacle}")
-    if obstacle is not None:  # auto
+    if obstacle is not None and mode == "auto":
         warnings.warn(
             f"compile='auto': {obstacle}; training with eager Pyro", RuntimeWarning, stacklevel=4
         )

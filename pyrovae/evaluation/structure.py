@@ -183,10 +183,15 @@ def check_structure(
     ValueError
         Naming the site, what is wrong and what to change.
     """
+    from pyrovae.models.modes import evaluation_mode
+
     _refuse_whole_model_autoguide(guide)
     if probe_rows is not None:
         args, kwargs = _probe_rows(args, kwargs, data_kwargs, probe_rows)
-    with private_randomness(args, kwargs), torch.no_grad(), poutine.block():
+    # In eval mode: dropout draws differ between the vectorized and one-draw runs, and
+    # BatchNorm must not update its running statistics on a probe.
+    quiet = evaluation_mode(model, guide, warn=False)
+    with quiet, private_randomness(args, kwargs), torch.no_grad(), poutine.block():
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
         model_trace, guide_trace = trace_pair(model, guide, args, kwargs)

@@ -137,14 +137,13 @@ class LatentVariableModel(nn.Module):
         key = tuple((t.dtype, tuple(t.shape[1:])) for t in inputs)
         cache = self.__dict__.setdefault("_structures", {})
         if key not in cache:
-            with evaluation_mode(self, warn=False):  # dropout would fail the particle check
-                cache[key] = check_structure(
-                    self.model,
-                    self.guide,
-                    *inputs,
-                    data_plate=self.data_plate,
-                    max_plate_nesting=self.max_plate_nesting,
-                )
+            cache[key] = check_structure(
+                self.model,
+                self.guide,
+                *inputs,
+                data_plate=self.data_plate,
+                max_plate_nesting=self.max_plate_nesting,
+            )
         return cache[key]
 
     def plate_nesting(self, *inputs: torch.Tensor) -> int:
