@@ -47,7 +47,7 @@ site in a subsampled plate nested in the data plate (``subsample_size=2`` of 4) 
 density multiplied by that plate's scale (4/2); the plate's subsample is drawn once per
 block of data points and replayed in every density evaluation of that block (guide and
 model alike), so AIS estimates the log normalizer of p(z) p(x_S | z)^scale for that
-subsample S, the quantity evaluate's log p_hat(x) estimates for its own draw of S. Latent
+subsample S, the quantity evaluate's log p_hat(x) estimates for the S of each pass. Latent
 sites in subsampled plates are refused (the chains start from unscaled draws of r(z)), and
 :func:`bdmc` refuses every subsampled inner plate (z* is an exact posterior draw given all
 the data, not a draw of the scaled target).
@@ -285,19 +285,21 @@ class AnnealingTarget:
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide or _no_guide, *args, **kwargs)
         self.nesting = max_plate_nesting
+        devices = _cuda_devices(args, kwargs)
         with torch.no_grad():
-            with torch.random.fork_rng(devices=_cuda_devices(args, kwargs)):
+            with torch.random.fork_rng(devices=devices):
                 probe = self._probe()
             if _subsamples(probe):  # drawn from the live RNG stream: this block's subsample
                 probe = self._probe()
-        self.subsamples = _subsamples(probe)
-        """Subsample indices of the subsampled plates, by plate name, replayed in every trace."""
-        self.latent_names = probe.latent_names
+            self.subsamples = _subsamples(probe)
+            """Indices of the subsampled plates, by plate name, replayed in every trace."""
+            with torch.random.fork_rng(devices=devices):
+                sites = _sample_sites(self._trace(model, 1))
+        self.latent_names = [n for n, s in sites.items() if not s["is_observed"]]
         if not self.latent_names:
             raise ValueError("the model has no latent sites: log p(x) needs no AIS")
         self.scaled_sites = _check_scales(probe, data_plate)
         """Observed sites in subsampled inner plates, with the factor of their log density."""
-        sites = probe.model_sites
         self.layouts = [_layout(n, sites[n], data_plate, self.nesting) for n in self.latent_names]
         self.num_points = self.layouts[0].point_shape[0]
 
