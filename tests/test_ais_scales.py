@@ -2,8 +2,9 @@
 
 Reference model: z_n ~ N(0, 1) and x_nj | z_n ~ N(z_n, SIGMA^2) for J = 4 features in a plate
 nested inside the data plate, subsampled 4 -> 2 (scale c = 2). For a subsample S of n
-features the target of evaluate's log p_hat(x) (and of AIS, which fixes S per block) is the
-log normalizer of p(z) prod_{j in S} p(x_j | z)^c, in closed form:
+features the target of AIS (which fixes S per block), and of evaluate's log p_hat(x) when
+its draws share one S, is the log normalizer of p(z) prod_{j in S} p(x_j | z)^c, in closed
+form:
 
     log Z_S(x) = log N(x_S; 0, SIGMA^2 / c I + 1 1^T) + n [log(2 pi SIGMA^2 / c) / 2
                  - c log(2 pi SIGMA^2) / 2],
@@ -109,22 +110,16 @@ def test_ais_applies_the_scale_of_a_given_subsample(float64):
     assert not within(log_normalizer(x[:, chosen], 1.0) - exact, result.log_px_se)
 
 
-def test_ais_with_a_random_subsample_targets_what_evaluate_does(float64):
+def test_ais_with_a_random_subsample_estimates_its_log_normalizer(float64):
     """One data point per block, so each point has its own subsample S: the mean over points
     of log_px - E_S[log Z_S] is zero within its standard error (from the spread over points,
     which includes the spread over S). Before the subsample was fixed (a new S at every
-    density evaluation, no scale) AIS returned about 1.5 nats more."""
+    density evaluation, no scale) AIS returned about 1.2 nats more here."""
     x = simulate(32, seed=2)
-    exact = mean_over_subsets(x)
     chains = SETTINGS["num_chains"] + 2  # two tuning chains
     result = ais(subsampled_model, guide, x, max_pairs=chains, seed=0, **SETTINGS)
-    reference = evaluate(
-        subsampled_model, guide, x, num_samples=1000, ks=(1,), max_pairs=1000, seed=0,
-        latent_diagnostics=False,
-    )
-    for estimate in (result.log_px, reference.per_datapoint["log_px"]):
-        error = estimate - exact
-        assert abs(error.mean()) <= NUM_SE * error.std(ddof=1) / math.sqrt(len(error))
+    error = result.log_px - mean_over_subsets(x)
+    assert abs(error.mean()) <= NUM_SE * error.std(ddof=1) / math.sqrt(len(error))
 
 
 def test_a_scale_common_to_every_site_is_left_out(float64):

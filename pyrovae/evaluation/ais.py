@@ -46,8 +46,9 @@ are per data point. Site-specific scales are refused with evaluate's message. An
 site in a subsampled plate nested in the data plate (``subsample_size=2`` of 4) has its log
 density multiplied by that plate's scale (4/2); the plate's subsample is drawn once per
 block of data points and replayed in every density evaluation of that block (guide and
-model alike), so AIS estimates the log normalizer of p(z) p(x_S | z)^scale for that
-subsample S, the quantity evaluate's log p_hat(x) estimates for the S of each pass. Latent
+model alike), so AIS estimates log Z_S, the log normalizer of p(z) p(x_S | z)^scale for
+that subsample S (what evaluate's log p_hat(x) estimates when its draws share one S, as
+they do in one vectorized pass). Latent
 sites in subsampled plates are refused (the chains start from unscaled draws of r(z)), and
 :func:`bdmc` refuses every subsampled inner plate (z* is an exact posterior draw given all
 the data, not a draw of the scaled target).
@@ -368,7 +369,7 @@ class AnnealingTarget:
             value = layout.transform(part)
             jacobian = layout.transform.log_abs_det_jacobian(part, value)
             log_det = log_det + _per_datapoint(
-                jacobian, {"mask": None}, layout.frame_dim, num_chains, self.nesting
+                jacobian, {"mask": None, "infer": {}}, layout.frame_dim, num_chains, self.nesting
             )
             values[layout.name] = value
         return values, log_det
