@@ -8,6 +8,13 @@ Reference models with an exact log p(x) and an exact posterior:
   loc ~ N(0, 1)^2, values | loc ~ N(loc, s^2). Its marginal is negative binomial times
   normal, its posterior Gamma(a + counts, b + 1) times normal.
 
+Log-space checks at T = 50..100 cannot see an error of a few hundredths of a nat in one
+weight increment; the small-T checks (T = 2, 3, 5) compare the weights in probability space,
+E[w] = p(x) and E[w'] = 1/p(x), and BDMC runs over several blocks. Each of these plausible
+bugs, applied by hand, makes at least one of them fail: the last forward increment dropped,
+the reverse transition at the wrong temperature, the upper bound from the mean of the log
+weights, every block reusing the first block's z*, or its random draws.
+
 Conventions as in tests/test_linear_gaussian.py: float64, fixed seeds, and every Monte Carlo
 comparison passes within NUM_SE = 4 standard errors, each SE computed from the draws (the
 delta-method SE over chains, or the spread over data points or chains of an average of
