@@ -205,3 +205,12 @@ def test_eager_training_sums_the_discrete_site_out_instead_of_sampling_it(float6
     fitted.fit((x, y, labelled), epochs=1, batch_size=10, compile="none", progress=False)
     assert not [w for w in recwarn if "not guide" in str(w.message)]
     assert fitted.training_path_ == "eager"
+
+
+def test_ais_sums_the_enumerated_site_out_exactly(mixture_fit, float64):
+    from pyrovae.evaluation.ais import ais
+
+    x, fitted = mixture_fit
+    points = x[:20]
+    result = ais(fitted.model, fitted.guide, points, num_steps=30, num_chains=8, seed=0)
+    within_standard_errors(result.log_px, result.log_px_se, mixture_log_px(points))

@@ -93,6 +93,7 @@ from tqdm.auto import tqdm
 from pyrovae.evaluation.bounds import importance_estimate
 from pyrovae.evaluation.hmc import PathState, hmc_transition
 from pyrovae.evaluation.importance import summary_rows, write_per_datapoint_csv
+from pyrovae.evaluation.structure import check_structure
 from pyrovae.evaluation.traces import (
     PARTICLE_PLATE,
     ParticleTraces,
@@ -102,10 +103,14 @@ from pyrovae.evaluation.traces import (
     _sample_sites,
     _slice_arguments,
     chunk_bounds,
+    enumerated_program,
+    enumeration_dims,
     guess_max_plate_nesting,
     inner_plate_scale,
+    log_sum_enumerated,
     run_traces,
 )
+from pyrovae.models.modes import evaluates
 from pyrovae.randomness import derived_seed
 
 SCHEDULES = ("sigmoid", "linear")
@@ -179,6 +184,10 @@ def _no_guide(*args, **kwargs) -> None:
 
 def _is_observed(msg: dict) -> bool:
     return bool(msg.get("is_observed"))
+
+
+def _is_observed_or_discrete(msg: dict) -> bool:
+    return _is_observed(msg) or getattr(msg["fn"], "has_enumerate_support", False)
 
 
 def _prior_program(model: Callable) -> Callable:
@@ -296,7 +305,21 @@ class AnnealingTarget:
             """Indices of the subsampled plates, by plate name, replayed in every trace."""
             with torch.random.fork_rng(devices=devices):
                 sites = _sample_sites(self._trace(model, 1))
-        self.latent_names = [n for n, s in sites.items() if not s["is_observed"]]
+        self.enumerated = [
+            n
+            for n, s in sites.items()
+            if not s["is_observed"] and getattr(s["fn"], "has_enumerate_support", False)
+        ]
+        """Discrete latent sites, summed out exactly in log p(x, z) (not annealed)."""
+        if self.enumerated and start == "prior":
+            raise ValueError(
+                f"AIS from the prior with discrete site(s) {', '.join(map(repr, self.enumerated))}"
+                " would need the prior of the continuous sites with the discrete ones summed "
+                "out; start from the guide (start='guide')"
+            )
+        self.latent_names = [
+            n for n, s in sites.items() if not s["is_observed"] and n not in self.enumerated
+        ]
         if not self.latent_names:
             raise ValueError("the model has no latent sites: log p(x) needs no AIS")
         self.scaled_sites = _check_scales(probe, data_plate)
@@ -374,33 +397,44 @@ class AnnealingTarget:
             values[layout.name] = value
         return values, log_det
 
-    def _site_terms(self, program: Callable, values: dict, role: str) -> dict[str, torch.Tensor]:
-        """Per-site log densities, shape (C, N), of ``program`` conditioned on ``values``,
-        each times its inner plates' subsampling scale (as in ``evaluate``)."""
+    def _site_terms(
+        self, program: Callable, values: dict, role: str
+    ) -> tuple[dict[str, torch.Tensor], list[str], int]:
+        """Per-site log densities of ``program`` conditioned on ``values``, each times its
+        inner plates' subsampling scale (as in ``evaluate``), shape (C, N), or
+        (*enumeration, C, N) for the model with enumerated discrete sites; with the
+        enumerated sites and the number of enumeration dims."""
         num_chains = next(iter(values.values())).shape[0]
+        if role == "model" and self.enumerated:
+            program = enumerated_program(program, -(self.nesting + 2), given=values)
         with pyro.validation_enabled(False):
             trace = self._trace(program, num_chains, values)
+        sites = _sample_sites(trace)
+        enumerated, enum_dims = enumeration_dims(sites, self.nesting)
         terms = {}
-        for name, site in _sample_sites(trace).items():
+        for name, site in sites.items():
             frame = _data_frame(site, self.data_plate, role)
             log_prob = site["fn"].log_prob(site["value"])
             weight = inner_plate_scale(site, self.data_plate)
             terms[name] = _per_datapoint(
-                log_prob, site, frame.dim, num_chains, self.nesting, weight
+                log_prob, site, frame.dim, num_chains, self.nesting, weight, enum_dims
             )
-        return terms
+        return terms, enumerated, enum_dims
 
     def log_densities(self, values: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log p(x, z), log r(z)) in nats, each of shape (C, N), differentiable in z."""
-        terms = self._site_terms(self.model, values, "model")
-        latent = sum(terms[name] for name in self.latent_names)
+        """(log p(x, z), log r(z)) in nats, each of shape (C, N), differentiable in z; the
+        discrete sites of the model summed out exactly."""
+        terms, enumerated, enum_dims = self._site_terms(self.model, values, "model")
+        group, members = log_sum_enumerated(terms, enumerated, enum_dims)
+        terms = {n: t.reshape(t.shape[-2:]) for n, t in terms.items() if n not in members}
+        latent = sum(terms[name] for name in self.latent_names if name in terms)
         observed = [value for name, value in terms.items() if name not in self.latent_names]
-        if not observed:
+        if not observed and group is None:
             raise ValueError("the model has no observed site: pass the data as `obs=`")
-        log_joint = latent + sum(observed)
+        log_joint = latent + sum(observed) + (0.0 if group is None else group)
         if self.start == "prior":
             return log_joint, latent
-        return log_joint, sum(self._site_terms(self.guide, values, "guide").values())
+        return log_joint, sum(self._site_terms(self.guide, values, "guide")[0].values())
 
     def evaluate(self, position: torch.Tensor) -> PathState:
         """Densities and their gradients in u at positions of shape (C, N, D)."""
@@ -763,9 +797,13 @@ def _make_plan(model, guide, args, kwargs, options: dict) -> _Plan:
     _check_start(options["start"], guide)
     _check_positive_int("num_chains", options["num_chains"])
     _check_positive_int("max_pairs", options["max_pairs"])
-    length = _batched_length(args, kwargs)
-    probe_args, probe_kwargs = _slice_arguments(args, kwargs, length, slice(0, 1))
-    nesting = guess_max_plate_nesting(model, guide or _no_guide, *probe_args, **probe_kwargs)
+    reference = guide
+    if options["start"] == "prior":  # its discrete sites, if any, are refused per block
+        reference = poutine.block(model, hide_fn=_is_observed_or_discrete)
+    structure = check_structure(
+        model, reference, *args, data_plate=options["data_plate"], probe_rows=1, **kwargs
+    )
+    nesting = structure.max_plate_nesting
     return _Plan(
         model,
         guide,
@@ -803,6 +841,7 @@ def _estimate(log_weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.nda
     return log_px.numpy(), se.numpy(), ess.numpy()
 
 
+@evaluates("model", "guide")
 def ais(
     model: Callable,
     guide: Callable | None,
@@ -947,6 +986,7 @@ def _check_unscaled(target: AnnealingTarget) -> None:
         )
 
 
+@evaluates("model", "guide")
 def bdmc(
     model: Callable,
     guide: Callable | None,

@@ -252,29 +252,31 @@ def trace_pair(
     replayed = _aliased(guide_trace) if alias_latents else guide_trace
     program = poutine.replay(model, trace=replayed)
     if first_enum_dim is not None:
-        marked = poutine.infer_config(program, _enumerate_unguided(guide_trace))
-        program = poutine.enum(marked, first_available_dim=first_enum_dim)
+        program = enumerated_program(program, first_enum_dim, guide_trace.nodes)
     model_trace = poutine.trace(program).get_trace(*args, **kwargs)
     return model_trace, guide_trace
 
 
-def _enumerate_unguided(guide_trace):
-    """An ``infer_config`` function marking for parallel enumeration every discrete latent
-    sample site of the model that ``guide_trace`` does not sample."""
+def enumerated_program(program: Callable, first_enum_dim: int, given=()) -> Callable:
+    """``program`` with its discrete latent sites enumerated in parallel from
+    ``first_enum_dim`` leftwards: those it marks ``infer={"enumerate": "parallel"}`` and every
+    other one with a finite support whose name is not in ``given`` (the sites a guide
+    samples, or values supplied)."""
 
     def config(msg: dict) -> dict:
         fn = msg["fn"]
         if (
             msg["type"] == "sample"
             and not msg["is_observed"]
-            and msg["name"] not in guide_trace.nodes
+            and msg["name"] not in given
             and getattr(fn, "has_enumerate_support", False)
             and "enumerate" not in msg["infer"]
         ):
             return {"enumerate": "parallel"}
         return {}
 
-    return config
+    marked = poutine.infer_config(program, config)
+    return poutine.enum(marked, first_available_dim=first_enum_dim)
 
 
 def resolve_plate_nesting(value) -> int | None:
@@ -334,15 +336,9 @@ class ParticleTraces:
     def __post_init__(self):
         self.model_sites = _sample_sites(self.model_trace)
         self.guide_sites = _sample_sites(self.guide_trace)
-        self.enumerated = [
-            name
-            for name, site in self.model_sites.items()
-            if site["infer"].get("_enumerate_dim") is not None
-        ]
-        self.enum_dims = max(
-            (-self.model_sites[n]["infer"]["_enumerate_dim"] for n in self.enumerated),
-            default=self.max_plate_nesting + 1,
-        ) - (self.max_plate_nesting + 1)
+        self.enumerated, self.enum_dims = enumeration_dims(
+            self.model_sites, self.max_plate_nesting
+        )
         _check_site_names(self.model_sites, self.guide_sites, self.enumerated)
         self.outer_scale, self.scales_inside = self._resolve_scales()
 
@@ -403,14 +399,13 @@ class ParticleTraces:
         combination of the enumerated sites' values (one variable per data point each)."""
         if not self.enumerated:
             return None, set()
-        total, members = 0.0, set()
+        terms = {}
         for name, site in self.model_sites.items():
             role = "observed model" if site["is_observed"] else "latent model"
-            log_p = self.per_datapoint(_site_log_prob(site), site, role, keep_enumeration=True)
-            if name in self.enumerated or any(size > 1 for size in log_p.shape[:-2]):
-                total, members = total + log_p, members | {name}
-        dims = list(range(self.enum_dims))
-        return torch.logsumexp(total, dim=dims) if dims else total, members
+            terms[name] = self.per_datapoint(
+                _site_log_prob(site), site, role, keep_enumeration=True
+            )
+        return log_sum_enumerated(terms, self.enumerated, self.enum_dims)
 
     def data_axis(self, site: dict) -> int:
         """Axis of the data plate in ``site["value"]`` (the draw axis is 0)."""
@@ -501,6 +496,31 @@ def run_traces(
         args=args,
         kwargs=kwargs,
     )
+
+
+def enumeration_dims(sites: dict, max_plate_nesting: int) -> tuple[list[str], int]:
+    """(the enumerated sites among ``sites``, the number of enumeration dims left of the
+    particle dim)."""
+    names = [n for n, s in sites.items() if s["infer"].get("_enumerate_dim") is not None]
+    deepest = max((-sites[n]["infer"]["_enumerate_dim"] for n in names), default=0)
+    return names, max(0, deepest - (max_plate_nesting + 1))
+
+
+def log_sum_enumerated(
+    terms: dict[str, torch.Tensor], enumerated, enum_dims: int
+) -> tuple[torch.Tensor | None, set[str]]:
+    """Sum out the enumerated discrete sites: given per-site terms of shape
+    (*enumeration, K, N), the log of the sum over every combination of enumerated values of
+    the product of the densities that depend on them (shape (K, N)), and the names of those
+    sites; ``(None, set())`` when nothing is enumerated."""
+    total, members = 0.0, set()
+    for name, log_p in terms.items():
+        if name in enumerated or any(size > 1 for size in log_p.shape[:-2]):
+            total, members = total + log_p, members | {name}
+    if not members:
+        return None, members
+    dims = list(range(enum_dims))
+    return (torch.logsumexp(total, dim=dims) if dims else total), members
 
 
 def _single_pass(
