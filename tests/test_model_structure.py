@@ -372,3 +372,21 @@ def test_deterministic_and_factor_sites_are_exact(float64):
     result = evaluate(model, guide, x, num_samples=3, ks=(1,), latent_diagnostics=False)
     exact = normal_log_density(x[:, 0], 1 + NOISE**2) - 0.5 * x[:, 0] ** 2
     np.testing.assert_allclose(result.per_datapoint["log_px"], exact.numpy(), rtol=1e-10)
+
+
+def test_a_randomly_subsampled_inner_plate_keeps_the_vectorized_path(float64):
+    """Each probe pass would draw its own subsample; the one-draw runs reuse the vectorized
+    run's indices, so the comparison sees the same model."""
+    x = torch.randn(6, 4)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("features", 4, subsample_size=2, dim=-1) as index:
+                pyro.sample("x", dist.Normal(z, 1.0), obs=x[:, index])
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("z", dist.Normal(x.mean(-1, keepdim=True), 1.0))
+
+    assert check_structure(model, guide, x).vectorized

@@ -539,8 +539,9 @@ def _one_draw_terms(model, guide, args, kwargs, together, k: int, structure) -> 
             value = value.select(axis, k)
         replay.nodes[name] = {**site, "value": value}
     replayed = poutine.replay(guide, trace=replay)
+    indices = _subsample_indices(together.model_trace)  # the same subsample in both runs
     alone = run_traces(
-        model,
+        poutine.condition(model, data=indices) if indices else model,
         replayed,
         args,
         kwargs,
@@ -551,6 +552,17 @@ def _one_draw_terms(model, guide, args, kwargs, together, k: int, structure) -> 
         vectorized=False,
     )
     return reduce_terms(alone, with_kl=False).log_weights
+
+
+def _subsample_indices(trace) -> dict[str, torch.Tensor]:
+    """The indices drawn by the trace's subsampled plates, by plate name."""
+    from pyro.poutine.subsample_messenger import _Subsample
+
+    return {
+        name: site["value"]
+        for name, site in trace.nodes.items()
+        if isinstance(site.get("fn"), _Subsample) and len(site["value"]) < site["fn"].size
+    }
 
 
 def _close(first: torch.Tensor, second: torch.Tensor) -> bool:
