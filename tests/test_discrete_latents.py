@@ -214,3 +214,17 @@ def test_ais_sums_the_enumerated_site_out_exactly(mixture_fit, float64):
     points = x[:20]
     result = ais(fitted.model, fitted.guide, points, num_steps=30, num_chains=8, seed=0)
     within_standard_errors(result.log_px, result.log_px_se, mixture_log_px(points))
+
+
+def test_gaps_and_compare_work_on_an_enumerated_model(mixture_fit, float64):
+    from pyrovae.evaluation.comparison import compare
+    from pyrovae.evaluation.gaps import decompose_gaps
+
+    x, fitted = mixture_fit
+    points = x[:10]
+    gaps = decompose_gaps(fitted, points, num_samples=100, steps=20, seed=0)
+    exact = float(mixture_log_px(points).mean())
+    column = gaps.per_datapoint["log_px"]
+    assert abs(column.mean() - exact) < 4 * column.std() / math.sqrt(len(column)) + 0.05
+    result = compare({"a": fitted, "b": fitted}, points, num_samples=100, seed=0)
+    assert "a - b" in result.table()
