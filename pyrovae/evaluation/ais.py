@@ -402,7 +402,7 @@ class AnnealingTarget:
     ) -> tuple[dict[str, torch.Tensor], list[str], int]:
         """Per-site log densities of ``program`` conditioned on ``values``, each times its
         inner plates' subsampling scale (as in ``evaluate``), shape (C, N), or
-        (*enumeration, C, N) for the model with enumerated discrete sites; with the
+        ``(*enumeration, C, N)`` for the model with enumerated discrete sites; with the
         enumerated sites and the number of enumeration dims."""
         num_chains = next(iter(values.values())).shape[0]
         if role == "model" and self.enumerated:

@@ -123,7 +123,7 @@ def _per_datapoint(
 ) -> torch.Tensor:
     """Reduce a site's log density, times ``weight`` (a number or a broadcastable tensor), to
     shape (K, N) by summing every plate dim but the data one; with ``enum_dims`` E > 0 the E
-    enumeration dims left of the particle dim are kept: shape (*enumeration, K, N).
+    enumeration dims left of the particle dim are kept: shape ``(*enumeration, K, N)``.
 
     Masked entries count 0, except at an enumerated site, where they count -log C (C its
     number of values): a masked discrete variable (an observed label's ``_unobserved``
@@ -380,7 +380,7 @@ class ParticleTraces:
     ) -> torch.Tensor:
         """``log_prob`` times the site's weight (:meth:`site_weight`), summed over every plate
         dim but the draw and data dims: shape (K, N), nats; with ``keep_enumeration``,
-        (*enumeration dims, K, N) (a model site's density given enumerated discrete sites)."""
+        ``(*enumeration, K, N)`` (a model site's density given enumerated discrete sites)."""
         frame = _data_frame(site, self.data_plate, role)
         return _per_datapoint(
             log_prob,
@@ -510,7 +510,7 @@ def log_sum_enumerated(
     terms: dict[str, torch.Tensor], enumerated, enum_dims: int
 ) -> tuple[torch.Tensor | None, set[str]]:
     """Sum out the enumerated discrete sites: given per-site terms of shape
-    (*enumeration, K, N), the log of the sum over every combination of enumerated values of
+    ``(*enumeration, K, N)``, the log of the sum over every combination of enumerated values of
     the product of the densities that depend on them (shape (K, N)), and the names of those
     sites; ``(None, set())`` when nothing is enumerated."""
     total, members = 0.0, set()
