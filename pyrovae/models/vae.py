@@ -15,7 +15,8 @@ from pyrovae.checkpoint import CheckpointError, read_checkpoint
 from pyrovae.config import TrainConfig, VAEConfig
 from pyrovae.data import threshold
 from pyrovae.likelihoods import make_likelihood
-from pyrovae.models.base import LocalParamsModule
+from pyrovae.models.base import DATA_PLATE, LocalParamsModule
+from pyrovae.models.hierarchical import TwoLayerGuide, TwoLayerModel
 from pyrovae.models.latent_variable import LatentVariableModel
 from pyrovae.networks import MLP, ConvDecoder, ConvEncoder
 from pyrovae.objectives import ANALYTIC_KL_OBJECTIVES
@@ -24,10 +25,6 @@ from pyrovae.priors import PRIORS, MixturePrior, Prior, VampPrior
 from pyrovae.randomness import check_seed
 from pyrovae.training import resolve_device
 from pyrovae.validation import check_data, positive_int
-
-DATA_PLATE = "data"
-"""Name of the plate over data points, shared by the model and the guide."""
-
 
 def join_condition(tensor: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
     """Append the condition y to the last axis of ``tensor`` (broadcast over draw dims)."""
@@ -142,8 +139,6 @@ class VAEGuide(LocalParamsModule):
 def build_model_and_guide(config: VAEConfig) -> tuple[LocalParamsModule, LocalParamsModule]:
     """The Pyro model and guide a :class:`VAEConfig` describes."""
     if config.top_latent_dim is not None:
-        from pyrovae.models.hierarchical import TwoLayerGuide, TwoLayerModel
-
         return TwoLayerModel(config), TwoLayerGuide(config)
     guide = VAEGuide(config)
     return VAEModel(config, guide.encoder), guide
