@@ -10,14 +10,17 @@ File layout (format version 2)::
 The digest is the SHA-256 of the header line without its ``sha256=...`` field (that is, of
 ``b"pyrovae-model <version> <payload bytes>\\n"``) followed by the payload bytes, so that a
 damaged version number or length is caught as surely as a damaged tensor. The digest is
-checked before a single byte is unpickled. This envelope is the same for every later format
+checked before a single byte is unpickled, and the header (and the announced length against
+the file's size and the machine's memory) before a byte of the payload is read, so that a
+large file of another kind is refused at once. This envelope is the same for every later format
 version, so that a file of a newer version is recognised as such (with its checksum
 verified) rather than as a damaged one.
 
 Format version 1 files (written before the checksum existed) are the bare ``torch.save``
 archive, starting with the zip signature ``PK\\x03\\x04``. They still load: their zip
 members' CRC-32 sums are verified instead, which catches damage to the data but not to every
-byte of the archive's own directory.
+byte of the archive's own directory. Their directory, at the end of the file, is read
+before any member.
 """
 
 from __future__ import annotations
@@ -302,24 +305,27 @@ def read_checkpoint(
         raise TypeError(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}")
     device = _checked_device(device)
     path = Path(path)
-    data = _read_regular_file(path)
-    if data.startswith(MAGIC):
-        version, body = _verified_body(data, path)
-        payload = _unpickle(body, path, device)
-    elif data.startswith(_ZIP_SIGNATURE):
-        version = 1
-        _check_legacy_archive(data, path)
-        payload = _unpickle(data, path, device)
-    elif data[:1] == b"\x80":  # a bare pickle stream: never unpickled, whatever it holds
-        raise CheckpointError(
-            f"refusing to load {path}: it is a bare pickle, not a model archive, and "
-            "unpickling it could execute code"
-        )
-    else:
-        what = "the file is empty" if not data else "it starts with neither a pyrovae header"
-        if data:
-            what += " nor a torch archive"
-        raise CheckpointError(f"model file {path} is truncated or corrupt ({what})")
+    with _open_regular_file(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        head = _read(handle, _HEADER_LIMIT, path)
+        if head.startswith(MAGIC):
+            version, body = _verified_body(handle, head, size, path)
+            payload = _unpickle(io.BytesIO(body), path, device)
+        elif head.startswith(_ZIP_SIGNATURE):
+            version = 1
+            _check_legacy_archive(handle, size, path)
+            handle.seek(0)
+            payload = _unpickle(handle, path, device)
+        elif head[:1] == b"\x80":  # a bare pickle stream: never unpickled, whatever it holds
+            raise CheckpointError(
+                f"refusing to load {path}: it is a bare pickle, not a model archive, and "
+                "unpickling it could execute code"
+            )
+        else:
+            what = "the file is empty" if not head else "it starts with neither a pyrovae header"
+            if head:
+                what += " nor a torch archive"
+            raise CheckpointError(f"model file {path} is truncated or corrupt ({what})")
     _check_payload(payload, path, version)
     if not allow_nonfinite:
         _check_finite(payload, path)
@@ -340,9 +346,9 @@ def _checked_device(device) -> torch.device:
     return resolved
 
 
-def _read_regular_file(path: Path) -> bytes:
-    """The bytes of ``path``; refuses, without opening it, anything but a regular file (a
-    FIFO would block, a device such as /dev/zero never ends)."""
+def _open_regular_file(path: Path):
+    """``path`` opened for binary reading; refuses, without opening it, anything but a
+    regular file (a FIFO would block, a device such as /dev/zero never ends)."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -366,36 +372,72 @@ def _read_regular_file(path: Path) -> bytes:
         )
         raise CheckpointError(f"model file {path} is {kind}, not a regular file")
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the caller's with statement
+    except OSError as error:
+        reason = error.strerror or error
+        raise CheckpointError(f"cannot read model file {path}: {reason}") from error
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # replaced since the stat above
+        handle.close()
+        raise CheckpointError(f"model file {path} is not a regular file")
+    return handle
+
+
+def _read(handle, size: int, path: Path) -> bytes:
+    """Up to ``size`` bytes from ``handle`` (fewer at the end of the file)."""
+    try:
+        return handle.read(size)
     except OSError as error:
         reason = error.strerror or error
         raise CheckpointError(f"cannot read model file {path}: {reason}") from error
 
 
-def _verified_body(data: bytes, path: Path) -> tuple[int, bytes]:
-    """Parse the header, check length and checksum; return (version, payload bytes)."""
+def memory_limit() -> int | None:
+    """Bytes of physical memory on this machine (``None`` where unknown): no model file
+    larger than this can be loaded, so a header announcing more is refused unread."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_loadable_size(size: int, path: Path, what: str) -> None:
+    limit = memory_limit()
+    if limit is not None and size > limit:
+        raise CheckpointError(
+            f"model file {path} is not loadable: {what} {size / 2**30:.1f} GiB, more than this "
+            f"machine's {limit / 2**30:.1f} GiB of memory"
+        )
+
+
+def _verified_body(handle, head: bytes, size: int, path: Path) -> tuple[int, bytes]:
+    """Parse the header (the first bytes ``head`` of the file of ``size`` bytes), check the
+    announced length against the file's size, and only then read the payload and check its
+    checksum; return (version, payload bytes)."""
     corrupt = f"model file {path} is truncated or corrupt"
-    end = data.find(b"\n", 0, _HEADER_LIMIT)
+    end = head.find(b"\n", 0, _HEADER_LIMIT)
     if end < 0:
         raise CheckpointError(f"{corrupt}: its header line is damaged (no end of line)")
-    match = _HEADER.fullmatch(data[:end])
+    match = _HEADER.fullmatch(head[:end])
     if match is None:
-        shown = data[:end][:120].decode("ascii", "replace")
+        shown = head[:end][:120].decode("ascii", "replace")
         raise CheckpointError(f"{corrupt}: its header line is damaged ({shown!r})")
     version, length, expected = int(match[1]), int(match[2]), match[3].decode()
-    body = memoryview(data)[end + 1 :]
-    if len(body) < length:
+    held = size - (end + 1)
+    if held != length:
+        change = "truncated" if held < length else "bytes appended"
+        raise CheckpointError(
+            f"{corrupt}: the header announces {length} payload bytes, the file holds "
+            f"{held} ({change})"
+        )
+    _check_loadable_size(length, path, "its header announces a payload of")
+    handle.seek(end + 1)
+    body = _read(handle, length, path)
+    if len(body) != length:  # shortened while being read
         raise CheckpointError(
             f"{corrupt}: the header announces {length} payload bytes, the file holds "
             f"{len(body)} (truncated)"
         )
-    if len(body) > length:
-        raise CheckpointError(
-            f"{corrupt}: the header announces {length} payload bytes, the file holds "
-            f"{len(body)} (bytes appended)"
-        )
-    digest = hashlib.sha256(data[: match.end(2)] + b"\n")
+    digest = hashlib.sha256(head[: match.end(2)] + b"\n")
     digest.update(body)
     if digest.hexdigest() != expected:
         raise CheckpointError(
@@ -409,17 +451,21 @@ def _verified_body(data: bytes, path: Path) -> tuple[int, bytes]:
         )
     if version < 2:
         raise CheckpointError(f"{corrupt}: its header names format version {version}")
-    return version, bytes(body)
+    return version, body
 
 
-def _check_legacy_archive(data: bytes, path: Path) -> None:
-    """Format 1 (no checksum): the zip archive must be complete and its members' CRC-32 sums
-    right."""
+def _check_legacy_archive(handle, size: int, path: Path) -> None:
+    """Format 1 (no checksum): the zip archive must be complete (its directory, read from the
+    end of the file, is read before any member), no larger than this machine's memory, and
+    its members' CRC-32 sums right."""
     corrupt = f"model file {path} is truncated or corrupt"
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            damaged = archive.testzip()
+        with zipfile.ZipFile(handle) as archive:
             members = archive.infolist()
+            _check_loadable_size(size, path, "the archive holds")
+            damaged = archive.testzip()
+    except CheckpointError:
+        raise
     except Exception as error:  # noqa: BLE001 - any failure of a damaged archive
         raise CheckpointError(f"{corrupt} (not a complete archive: {_describe(error)})") from error
     if damaged is not None:
@@ -433,9 +479,10 @@ def _check_legacy_archive(data: bytes, path: Path) -> None:
             )
 
 
-def _unpickle(body: bytes, path: Path, device: torch.device):
+def _unpickle(source, path: Path, device: torch.device):
+    """The object ``torch.load(weights_only=True)`` reads from the file object ``source``."""
     try:
-        return torch.load(io.BytesIO(body), map_location=device, weights_only=True)
+        return torch.load(source, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than plain data and tensors, "
