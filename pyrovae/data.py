@@ -150,7 +150,7 @@ class DatasetSplits:
     def __post_init__(self) -> None:
         for split in SPLIT_NAMES:
             data, labels = self.split(split)
-            _check_split(self.name, split, data, labels, self.num_features)
+            _check_split(self.name, split, data, labels, self.num_features, self.binary)
         height, width = self.image_shape
         if height * width != self.num_features:
             raise ValueError(
@@ -192,8 +192,10 @@ def _check_split(
     data: torch.Tensor,
     labels: torch.Tensor | None,
     num_features: int,
+    binary: bool = False,
 ) -> None:
-    """Raise ValueError unless one split has the documented shapes and dtypes."""
+    """Raise ValueError unless one split has the documented shapes and dtypes (and, when
+    ``binary``, only 0/1 values)."""
     where = f"{dataset} {split} split"
     if data.dim() >= 1 and data.shape[0] == 0:
         raise ValueError(f"{where} is empty: it has no data points")
@@ -207,6 +209,15 @@ def _check_split(
             f"{where}: expected int64 labels of shape ({data.shape[0]},), "
             f"got {labels.dtype} {tuple(labels.shape)}"
         )
+    if binary:
+        other = (data != 0) & (data != 1)
+        if bool(other.any()):
+            row, column = (int(i) for i in other.nonzero()[0])
+            raise ValueError(
+                f"{where}: a binary dataset holds values other than 0 and 1 "
+                f"({int(other.sum())} entries, first at row {row}, column {column}: "
+                f"{float(data[row, column])})"
+            )
 
 
 # --------------------------------------------------------------------------- locations
@@ -412,6 +423,18 @@ def _check_images(
         raise ValueError(f"{source}: expected images of shape {expected}, got {array.shape}")
 
 
+def _check_numbers(array: np.ndarray, source: Path, name: str, integers: bool = False) -> None:
+    """Raise ValueError unless ``array`` holds numbers (integers, with ``integers``): an
+    array of strings such as ``'1'`` would otherwise be converted silently."""
+    kinds = "iu" if integers else "biuf"
+    if array.dtype.kind not in kinds:
+        wanted = "integers" if integers else "numbers"
+        held = "strings" if array.dtype.kind in "SU" else "values"
+        raise ValueError(
+            f"{source}: array {name!r} holds {held} of dtype {array.dtype}, not {wanted}"
+        )
+
+
 def load_binarized_mnist(
     data_dir: str | os.PathLike[str] | None = None, download: bool = True
 ) -> DatasetSplits:
@@ -475,7 +498,10 @@ def _binarized_splits(
 ) -> DatasetSplits:
     """Wrap binarized-MNIST arrays into :class:`DatasetSplits`."""
     for split, array in arrays.items():
+        _check_numbers(array, source, split)
         _check_images(array, None, _MNIST_PIXELS, source, split)
+    if test_labels is not None:
+        _check_numbers(test_labels, source, "test_labels", integers=True)
     return DatasetSplits(
         name="binarized-mnist",
         train=_as_float(arrays["train"]),
