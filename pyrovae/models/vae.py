@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyro
+import pyro.util
 import pyro.distributions as dist
 import torch
 from torch import nn
@@ -358,8 +359,13 @@ class VAE(LatentVariableModel):
             Memory bound: most (draw, data point) pairs evaluated at once.
         """
         inputs = self.inputs(x, condition)
+        state = pyro.util.get_rng_state()
         values = self.elbo_of(inputs, num_samples, analytic_kl, seed, max_pairs)
-        return self._finite_bound(values, inputs[0])
+        try:
+            return self._finite_bound(values, inputs[0])
+        except ValueError:
+            pyro.util.set_rng_state(state)  # a refused call leaves the random streams alone
+            raise
 
     def _finite_bound(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``values`` (per-datapoint bounds), or ``ValueError`` where one is NaN or
