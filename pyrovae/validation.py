@@ -133,9 +133,7 @@ def check_dense(tensor: torch.Tensor, name: str = "data") -> torch.Tensor:
     which has a shape but no values."""
     if tensor.is_nested or tensor.layout != torch.strided:
         layout = "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
-        raise TypeError(
-            f"{name} is a {layout} tensor; pass a dense one (x.to_dense())"
-        )
+        raise TypeError(f"{name} is a {layout} tensor; pass a dense one (x.to_dense())")
     if tensor.device.type == "meta":
         raise TypeError(f"{name} is a tensor on the 'meta' device, which holds no values")
     return tensor
@@ -191,9 +189,10 @@ def check_data(
 ):
     """Validate a data matrix of shape (N, D) and return it as a floating tensor.
 
-    Checks, in order: numeric dtype, dense values, two dimensions, at least one row, D features, finite
-    values, values within the range of ``dtype`` (when given: the result is in that
-    dtype), and the likelihood's support.
+    Checks, in order: numeric dtype, a dense tensor with values (not sparse, not on the
+    ``meta`` device), two dimensions, at least one row, D features, finite values, values
+    within the range of ``dtype`` (when given: the result is in that dtype), and the
+    likelihood's support.
 
     Raises
     ------
@@ -240,7 +239,8 @@ def check_data_tensors(tensors, name: str = "data") -> None:
         label = f"{name} argument {i}"
         check_dense(tensor, label)
         if tensor.dim() == 0 or tensor.shape[0] == 0:
-            raise ValueError(f"{label} is empty: it has no data points (shape {tuple(tensor.shape)})")
+            shape = tuple(tensor.shape)
+            raise ValueError(f"{label} is empty: it has no data points (shape {shape})")
         if tensor.is_floating_point() or tensor.is_complex():
             check_finite(tensor, label)
 

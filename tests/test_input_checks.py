@@ -562,7 +562,8 @@ def test_a_users_model_failing_on_the_data_says_so_in_one_line():
 def test_decode_refuses_codes_of_the_wrong_latent_width():
     """Before: ``RuntimeError: mat1 and mat2 shapes cannot be multiplied (3x5 and 1x3)``."""
     vae = build()
-    refused(vae, lambda: vae.decode(torch.zeros(3, 5)), match=r"z must have shape \(num_points, 1\)")
+    width = r"z must have shape \(num_points, 1\)"
+    refused(vae, lambda: vae.decode(torch.zeros(3, 5)), match=width)
     refused(vae, lambda: vae.decode(torch.full((3, 1), float("nan"))), match="z contains NaN")
     assert vae.decode(np.zeros((3, 1))).shape == (3, 4)
     conditional = VAE(num_features=4, latent_dim=1, hidden_sizes=(3,), condition_dim=2, seed=0)
@@ -606,7 +607,8 @@ def test_max_pairs_none_is_refused_before_the_rng_moves():
     match = "max_pairs must be a positive integer, got None"
     refused(vae, lambda: vae.evaluate(x, max_pairs=None, **EVALUATE), match=match)
     refused(vae, lambda: vae.elbo(x, max_pairs=None), match=match)
-    refused(users, lambda: users.evaluate(torch.zeros(8, 4), max_pairs=None, **EVALUATE), match=match)
+    x = torch.zeros(8, 4)
+    refused(users, lambda: users.evaluate(x, max_pairs=None, **EVALUATE), match=match)
 
 
 def test_a_data_scale_far_from_unity_is_named_when_training_fails():
@@ -682,7 +684,7 @@ def test_string_or_non_binary_arrays_in_a_binarized_mnist_archive_are_refused(tm
 
     for values, match in [
         (np.full((3, 784), "1"), r"array 'train' holds strings of dtype <U1, not numbers"),
-        (np.full((3, 784), 2.5), r"values other than 0 and 1 \(2352 entries"),
+        (np.full((3, 784), 2.5), r"values other than 0 and 1 \(2352 entries, first at \(0, 0\)"),
     ]:
         np.savez(tmp_path / "binarized_mnist.npz", train=values, valid=values, test=values)
         with pytest.raises(ValueError, match=match):
