@@ -371,8 +371,9 @@ def _open_regular_file(path: Path):
             else "not a regular file"
         )
         raise CheckpointError(f"model file {path} is {kind}, not a regular file")
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed by the caller's with statement
+    try:  # non-blocking: a FIFO swapped in since the stat above must not block the open
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        handle = os.fdopen(descriptor, "rb")
     except OSError as error:
         reason = error.strerror or error
         raise CheckpointError(f"cannot read model file {path}: {reason}") from error
