@@ -524,38 +524,80 @@ def _check_payload(payload, path: Path, version: int) -> None:
     if isinstance(history, list) and not all(isinstance(record, dict) for record in history):
         problems.append("history holds records that are not dicts")
     optimizer = payload.get("optimizer_state")
-    if isinstance(optimizer, dict):
-        problems += _optimizer_problems(optimizer)
+    if isinstance(optimizer, dict) and not (
+        isinstance(optimizer.get("state"), dict) and isinstance(optimizer.get("param_groups"), list)
+    ):
+        problems.append("optimizer_state lacks its state or param_groups")
     if problems:
         raise CheckpointError(f"model file {path} is corrupt or invalid: {'; '.join(problems)}")
 
 
-def _optimizer_problems(optimizer: dict) -> list[str]:
+def check_optimizer_state(optimizer_state: dict | None, parameters, path) -> None:
+    """Refuse an optimizer state that is not a ``torch.optim`` state dict, or does not fit
+    ``parameters`` (the model's, in the order :func:`pyrovae.training.fit` gives them to
+    Adam). ``None`` (no state saved) passes.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the file and the first problem.
+    """
+    if optimizer_state is None:
+        return
+    problem = _optimizer_problem(optimizer_state) or _optimizer_mismatch(
+        optimizer_state, list(parameters)
+    )
+    if problem is not None:
+        raise CheckpointError(f"model file {path} is corrupt or invalid: {problem}")
+
+
+def _optimizer_problem(optimizer: dict) -> str | None:
     """What makes ``optimizer`` not a ``torch.optim`` state dict: ``state`` maps parameter
     indices to dicts of moments (tensors or numbers), ``param_groups`` is a list of dicts
     each naming its parameters' indices (each index in one group) and a positive learning
     rate."""
     state, groups = optimizer.get("state"), optimizer.get("param_groups")
     if not isinstance(state, dict) or not isinstance(groups, list):
-        return ["optimizer_state lacks its state or param_groups"]
+        return "its optimizer state lacks its state or param_groups"
     indices = []
     for number, group in enumerate(groups):
         params = group.get("params") if isinstance(group, dict) else None
         if not isinstance(params, list) or not all(_is_index(i) for i in params):
-            return [f"optimizer_state's parameter group {number} has no list of parameter indices"]
-        indices += params
+            return f"its optimizer's parameter group {number} has no list of parameter indices"
         if not _is_positive_number(group.get("lr")):
-            return [f"optimizer_state's parameter group {number} has no positive learning rate"]
+            return f"its optimizer's parameter group {number} has no positive learning rate"
+        indices += params
     if len(set(indices)) != len(indices):
-        return ["optimizer_state names a parameter in more than one group"]
+        return "its optimizer names a parameter in more than one group"
     for index, moments in state.items():
         if index not in indices:
-            return [f"optimizer_state holds moments of parameter {index!r}, of no group"]
+            return f"its optimizer holds moments of parameter {index!r}, which no group names"
         if not isinstance(moments, dict) or not all(
-            isinstance(v, (torch.Tensor, int, float)) for v in moments.values()
+            isinstance(value, (torch.Tensor, int, float)) for value in moments.values()
         ):
-            return [f"optimizer_state's moments of parameter {index} are not tensors"]
-    return []
+            return f"its optimizer's moments of parameter {index} are not tensors"
+    return None
+
+
+def _optimizer_mismatch(optimizer: dict, parameters: list) -> str | None:
+    """How a well-formed optimizer state does not fit ``parameters``: the one group of all
+    of them that :func:`pyrovae.training.fit` builds, moments of each parameter's shape."""
+    groups = optimizer["param_groups"]
+    if len(groups) != 1 or sorted(groups[0]["params"]) != list(range(len(parameters))):
+        held = sum(len(group["params"]) for group in groups)
+        return (
+            f"its optimizer state has {len(groups)} parameter group(s) of {held} parameters, "
+            f"the model one group of {len(parameters)}"
+        )
+    for index, moments in optimizer["state"].items():
+        shape = tuple(parameters[index].shape)
+        for key, value in moments.items():
+            if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != shape:
+                return (
+                    f"its optimizer {key} of parameter {index} has shape "
+                    f"{tuple(value.shape)}, the parameter {shape}"
+                )
+    return None
 
 
 def _is_index(value) -> bool:
@@ -568,43 +610,6 @@ def _is_positive_number(value) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return 0 < value < float("inf")
-
-
-def check_optimizer_state(optimizer_state: dict | None, parameters, path) -> None:
-    """Refuse an optimizer state that does not fit ``parameters`` (the model's, in the order
-    :func:`pyrovae.training.fit` gives them to Adam): one group holding every parameter's
-    index, and moments of each parameter's shape. ``None`` (no state saved) passes.
-
-    Raises
-    ------
-    CheckpointError
-        Naming the file and the first mismatch.
-    """
-    if optimizer_state is None:
-        return
-    parameters = list(parameters)
-    groups = optimizer_state["param_groups"]
-    problem = None
-    if len(groups) != 1 or sorted(groups[0]["params"]) != list(range(len(parameters))):
-        held = sum(len(group["params"]) for group in groups)
-        problem = (
-            f"its optimizer state has {len(groups)} parameter group(s) of {held} parameters, "
-            f"the model one group of {len(parameters)}"
-        )
-    else:
-        for index, moments in optimizer_state["state"].items():
-            shape = tuple(parameters[index].shape)
-            for key, value in moments.items():
-                if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != shape:
-                    problem = (
-                        f"its optimizer {key} of parameter {index} has shape "
-                        f"{tuple(value.shape)}, the parameter {shape}"
-                    )
-                    break
-            if problem:
-                break
-    if problem:
-        raise CheckpointError(f"model file {path} is corrupt or invalid: {problem}")
 
 
 def _check_finite(payload: dict, path: Path) -> None:
