@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyro
-import pyro.util
 import pyro.distributions as dist
+import pyro.util
 import torch
 from torch import nn
 
@@ -33,6 +33,7 @@ from pyrovae.validation import (
     check_finite,
     positive_int,
 )
+
 
 def join_condition(tensor: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
     """Append the condition y to the last axis of ``tensor`` (broadcast over draw dims)."""
@@ -464,8 +465,8 @@ class VAE(LatentVariableModel):
         try:
             vae = cls(VAEConfig.from_dict(payload["config"]))
             vae.load_state_dict(payload["model_state"])
-            check_optimizer_state(payload.get("optimizer_state"), vae.parameters(), path)
             vae.restore_records(payload)
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{path} does not hold a compatible VAE: {error}") from error
+        check_optimizer_state(vae.saved_optimizer_state_, vae.parameters(), path)
         return vae.to(device)
