@@ -135,6 +135,7 @@ def fit(
     train = vae.training_inputs(train, config, "training data")
     if validation is not None:
         validation = vae.training_inputs(validation, config, "validation data")
+    vae.check_training_structure(config, *train)
     vae.prepare_parameters(*train)
     if next(vae.parameters(), None) is None:
         raise ValueError(
@@ -161,10 +162,9 @@ def fit(
     vae.to(device)
     if parallel is not None:
         parallel.broadcast_(vae)
-    dtype = vae.dtype
-    train = tuple(t.to(device=device, dtype=dtype) for t in train)
+    train = _on_device(train, device, vae.dtype)
     if validation is not None:
-        validation = tuple(t.to(device=device, dtype=dtype) for t in validation)
+        validation = _on_device(validation, device, vae.dtype)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     objective, loss_module, vae.training_path_ = _loss_module(vae, config, train, parallel)
     if not isinstance(loss_module, CompiledStep) and parallel is not None:
@@ -222,6 +222,14 @@ def fit(
     return history
 
 
+def _on_device(inputs: tuple, device: torch.device, dtype: torch.dtype) -> tuple:
+    """``inputs`` on ``device``, floating ones in the model's ``dtype`` (integer and boolean
+    inputs, e.g. labels and masks, keep theirs)."""
+    return tuple(
+        t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in inputs
+    )
+
+
 def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
     """The objective, the loss module a step calls, and the path taken (``"eager"``,
     ``"graph"`` or ``"inductor"``).
@@ -233,7 +241,10 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
     numbers differ (e.g. Python control flow on data values, frozen at trace time), it warns
     in one line and takes the eager path, as ``compile="none"`` does."""
     options = config.objective_options()
-    nesting = vae.plate_nesting(*train)
+    structure = vae.structure(*train)
+    structure.warn_if_sequential(config.num_particles, stacklevel=4)
+    nesting = structure.max_plate_nesting
+    options.update(data_plate=vae.data_plate, vectorize_particles=structure.vectorized)
     mode = config.compile
     obstacle = vae.compile_obstacle()
     if obstacle is not None and mode in ("graph", "inductor"):
@@ -268,7 +279,9 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
         config.objective,
         config.num_particles,
         max_plate_nesting=nesting,
-        traceable=compiled,
+        # Pyro's Trace_ELBO would sample enumerable discrete sites (no gradient for them):
+        # its pyrovae equivalent sums them out, as every other objective here does.
+        traceable=compiled or bool(structure.discrete_sites),
         **options,
     )
     loss_module = objective(vae.model, vae.guide)

@@ -108,10 +108,12 @@ def normalize_config(config) -> None:
 # --------------------------------------------------------------------------- data
 
 
-def as_data_tensor(x, name: str = "data") -> torch.Tensor:
-    """Convert array-like data to a floating tensor without copying floating tensors.
+def as_data_tensor(x, name: str = "data", keep_dtype: bool = False) -> torch.Tensor:
+    """Convert array-like data to a floating tensor without copying floating tensors; with
+    ``keep_dtype``, integer and boolean data keep their dtype (labels, counts, masks).
 
-    Raises ``TypeError`` for non-numeric input (strings, objects, booleans are accepted as 0/1).
+    Raises ``TypeError`` for non-numeric input (strings, objects; booleans are accepted as
+    0/1 when converted).
     """
     if isinstance(x, torch.Tensor):
         tensor = x
@@ -122,7 +124,7 @@ def as_data_tensor(x, name: str = "data") -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     if tensor.is_complex():
         raise TypeError(f"{name} must be real-valued, got dtype {tensor.dtype}")
-    if not tensor.is_floating_point():
+    if not tensor.is_floating_point() and not keep_dtype:
         tensor = tensor.to(torch.get_default_dtype())
     return tensor
 
@@ -221,13 +223,16 @@ def check_data(
 
 
 def finite_inputs(tensors: tuple, dtype: torch.dtype, device, name: str = "data") -> tuple:
-    """Model inputs, each finite and within the range of ``dtype``, in that dtype on
-    ``device`` (argument ``i`` is named ``"{name} argument {i}"`` in errors)."""
+    """Model inputs on ``device``, each dense (not sparse, not on the ``meta`` device):
+    floating ones finite, within the range of ``dtype`` and in that dtype; integer and
+    boolean ones unchanged (argument ``i`` is named ``"{name} argument {i}"`` in errors)."""
     checked = []
     for i, tensor in enumerate(tensors):
         label = f"{name} argument {i}"
-        tensor = check_finite(check_dense(tensor, label), label)
-        checked.append(cast_checked(tensor, dtype, label).to(device))
+        tensor = check_dense(tensor, label)
+        if tensor.is_floating_point():
+            tensor = cast_checked(check_finite(tensor, label), dtype, label)
+        checked.append(tensor.to(device))
     return tuple(checked)
 
 

@@ -752,7 +752,7 @@ ALL_PARTICLE_OBJECTIVES = {
 def test_global_latents_and_missing_data_plate_are_refused(name):
     x = torch.tensor([0.3, -1.2, 0.8])
     objective = ALL_PARTICLE_OBJECTIVES[name]()
-    with pytest.raises(ValueError, match=r"'shift' is not inside the data plate 'data'"):
+    with pytest.raises(ValueError, match=r"'shift' is global \(outside the data plate 'data'\)"):
         objective.differentiable_loss(global_model, global_guide, x)
     with pytest.raises(ValueError, match=r"no plate named 'data' \(plates found: points\)"):
         objective.differentiable_loss(unplated_model, unplated_guide, x)

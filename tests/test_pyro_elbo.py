@@ -231,10 +231,11 @@ def test_constructors_take_pyros_elbo_keywords(name):
     assert objective.strict_enumeration_warning is False and objective.ignore_jit_warnings
     with pytest.warns(DeprecationWarning, match="max_iarange_nesting is deprecated"):
         assert make(max_iarange_nesting=3).max_plate_nesting == 3
-    # One particle: vectorized or not is the same computation, so both are accepted.
+    # Pyro's meaning: False draws the particles one per pass (programs written for one draw).
     assert make(num_particles=1, vectorize_particles=False).vectorize_particles is False
-    with pytest.raises(ValueError, match="vectorize_particles=False.*num_particles=2"):
-        make(num_particles=2, vectorize_particles=False)
+    assert make(num_particles=2, vectorize_particles=False).vectorize_particles is False
+    with pytest.raises(ValueError, match="vectorize_particles must be True, False or None"):
+        make(num_particles=2, vectorize_particles="yes")
     with pytest.raises(ValueError, match="tail_adaptive_beta.*TraceTailAdaptive_ELBO"):
         make(tail_adaptive_beta=-0.5)
     for bad in (-1, 1.5, "2"):

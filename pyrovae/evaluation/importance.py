@@ -54,14 +54,15 @@ from pyrovae.distributed import active_context
 from pyrovae.evaluation.arviz_compat import pareto_khat, to_arviz
 from pyrovae.evaluation.bounds import elbo, importance_estimate, iwae_bound
 from pyrovae.evaluation.latents import LatentUse, latent_use
+from pyrovae.evaluation.structure import check_structure
 from pyrovae.evaluation.traces import (
     _batched_length,
     _slice_arguments,
     check_data_kwargs,
     chunk_bounds,
-    guess_max_plate_nesting,
     particle_terms,
 )
+from pyrovae.models.modes import evaluates
 from pyrovae.randomness import derived_seed
 from pyrovae.validation import check_data_tensors, sampling_options
 
@@ -370,6 +371,7 @@ def _reduce_chunk(
     return columns
 
 
+@evaluates("model", "guide")
 def evaluate(
     model,
     guide,
@@ -446,14 +448,19 @@ def evaluate(
     parallel = active_context()
     base_seed = _base_seed(seed, parallel)
     probe_args, probe_kwargs = _slice_arguments(args, kwargs, length, slice(0, 1), data_kwargs)
-    nesting = guess_max_plate_nesting(model, guide, *probe_args, **probe_kwargs)
+    structure = check_structure(
+        model, guide, *args, data_plate=data_plate, data_kwargs=data_kwargs, probe_rows=1, **kwargs
+    )
+    structure.require_common_scale("importance-sampled evaluation")
+    structure.warn_if_sequential(num_samples)
+    nesting, vectorized = structure.max_plate_nesting, structure.vectorized
     pairs = evaluation_pairs(
         model, guide, probe_args, probe_kwargs, nesting, data_plate, max_pairs, memory_budget
     )
     pairs = pairs if parallel is None else parallel.broadcast_object(pairs)
     blocks = list(chunk_bounds(length, max(1, pairs // num_samples)))
     rerun = _Float64Rerun(model, guide, num_samples, data_plate, pairs, nesting, float64_fallback)
-    rerun.options["data_kwargs"] = data_kwargs
+    rerun.options.update(data_kwargs=data_kwargs, vectorized=vectorized)
     mine = (
         range(len(blocks)) if parallel is None else range(len(blocks))[parallel.shard(len(blocks))]
     )
@@ -477,6 +484,7 @@ def evaluate(
                     max_pairs=pairs,
                     max_plate_nesting=nesting,
                     data_kwargs=data_kwargs,
+                    vectorized=vectorized,
                     **chunk_kwargs,
                 )
             seeded = _seeded(devices, derived_seed(base_seed, block))

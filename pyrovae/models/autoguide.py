@@ -1,18 +1,36 @@
 """An amortized guide for the local latent variables of any Pyro model, built from its trace.
 
 Given a model with local latent sites inside a data plate (factor analysis with covariates,
-Poisson matrix factorisation, ...), :class:`AmortizedGuide` runs the model once on example
-data, reads each latent site's event shape and support, and builds one shared encoder
-network with a head per site: q(z_s | x) = T_s(Normal(mu_s(x), diag sigma_s(x)^2)), where
-T_s = ``biject_to(support)`` maps the reals onto the site's support (identity for reals,
-exp for positive sites, stick-breaking for simplices, ...). The result is an ordinary Pyro
-guide, trained and evaluated by :class:`pyrovae.models.latent_variable.LatentVariableModel`.
+Poisson matrix factorisation, a deep Markov model over padded sequences, ...),
+:class:`AmortizedGuide` runs the model once on example data and reads, for each latent site,
+what the estimators need the guide to match (see :mod:`pyrovae.evaluation.structure`):
+
+* its event shape and support: q(z_s | x) = T_s(Normal(mu_s(x), diag sigma_s(x)^2)), where
+  T_s = ``biject_to(support)`` maps the reals onto the support (identity for reals, exp for
+  positive sites, stick-breaking for simplices, ...);
+* its plates: the data plate at whatever ``dim`` the model gives it, and plates nested inside
+  it (time steps, words, features), with one output per element of each -- the guide's
+  site has exactly the model's batch shape;
+* its mask and scale (``poutine.mask``, ``.mask()``, ``obs_mask`` imputation sites,
+  ``poutine.scale`` weights): where the model masks or scales a latent site, the guide reads
+  the mask and scale of the current call by running the model (its sample sites hidden, on
+  private random streams) and applies the same ones, so that log q and log p cover the same
+  entries with the same weights. This costs one extra model pass per guide call, only for
+  models that mask or scale latent sites.
+
+One shared encoder network gives every site's head its features. The result is an ordinary
+Pyro guide, trained and evaluated by
+:class:`pyrovae.models.latent_variable.LatentVariableModel` or by Pyro's own ``SVI``.
+Discrete latent sites get no head: the estimators sum them out exactly by enumerating them
+in the model (one variable per data point; partially observed ones through ``obs_mask``).
+Global latent sites are refused, naming the site.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import pyro
@@ -22,58 +40,86 @@ from pyro import poutine
 from torch import nn
 from torch.distributions import biject_to
 
+from pyrovae.evaluation.structure import check_model_sites, own_scale, private_randomness
 from pyrovae.models.base import LocalParamsModule
 from pyrovae.networks import MLP, positive_scale
 
 
 @dataclass(frozen=True)
 class LatentSite:
-    """What the guide needs to know about one latent site of the model."""
+    """What the guide needs to know about one latent site of the model.
+
+    ``batch_shape`` is the model site's batch shape on the example data, whose
+    ``data_axis`` holds the data points; ``inner_plates`` are the plates other than the data
+    plate around it, as ``(name, size, dim)``; ``reads_model`` tells whether the model masks
+    or scales the site (the guide then reads the mask and scale of each call)."""
 
     name: str
     event_shape: torch.Size
     unconstrained_shape: torch.Size
     support: object
+    batch_shape: torch.Size = torch.Size()
+    data_axis: int = 0
+    inner_plates: tuple = ()
+    reads_model: bool = False
+
+    @property
+    def other_batch_sizes(self) -> tuple[int, ...]:
+        """Batch sizes besides the data axis, in order."""
+        return tuple(s for i, s in enumerate(self.batch_shape) if i != self.data_axis)
 
     @property
     def width(self) -> int:
-        return math.prod(self.unconstrained_shape)
+        """Outputs of the site's heads per data point."""
+        return math.prod(self.unconstrained_shape) * math.prod(self.other_batch_sizes)
 
 
 def first_tensor(*args, **kwargs) -> torch.Tensor:
-    """Default encoder input: the first tensor argument, one flattened row per data point."""
+    """Default encoder input: the first tensor argument, one flattened row per data point,
+    as a floating tensor (integer and boolean inputs converted)."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
-            return value.reshape(value.shape[0], -1)
+            rows = value.reshape(value.shape[0], -1)
+            return rows if rows.is_floating_point() else rows.to(torch.get_default_dtype())
     raise ValueError("no tensor argument to encode; pass encoder_input=")
 
 
 def latent_sites(model: Callable, args: tuple, kwargs: dict, data_plate: str) -> list[LatentSite]:
-    """The model's latent sites, in order, each checked to be local to the data plate."""
-    with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):
+    """The model's latent sites, in order, each checked to be local, continuous and in plates
+    the guide can follow (see :func:`pyrovae.evaluation.structure.check_model_sites`)."""
+    with private_randomness(args, kwargs), poutine.block(), torch.no_grad():
         with pyro.get_param_store().scope():  # a function's pyro.param calls leave no trace
             trace = poutine.trace(model).get_trace(*args, **kwargs)
-    sites = []
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or name == data_plate:
+    sites, latent = [], 0
+    for structure in check_model_sites(trace, data_plate):
+        latent += not structure.observed
+        if structure.observed or structure.discrete:  # discrete: enumerated in the model
             continue
-        if type(site["fn"]).__name__ == "_Subsample":
-            continue
-        if not any(frame.name == data_plate for frame in site["cond_indep_stack"]):
-            raise ValueError(
-                f"latent site {name!r} is outside the plate {data_plate!r}: an amortized guide "
-                "covers local latent variables only (one per data point)"
+        for name, (dim, size) in structure.inner_plates.items():
+            if structure.subsampled.get(name):
+                raise ValueError(
+                    f"latent site {structure.name!r} is inside the subsampled plate {name!r}: "
+                    "an amortized guide gives one output per plate element and cannot follow "
+                    "a subsample that changes from call to call; do not subsample that plate"
+                )
+        batch = structure.batch_shape
+        sites.append(
+            LatentSite(
+                name=structure.name,
+                event_shape=structure.event_shape,
+                unconstrained_shape=biject_to(structure.support).inverse_shape(
+                    structure.event_shape
+                ),
+                support=structure.support,
+                batch_shape=batch,
+                data_axis=len(batch) + structure.data_dim,
+                inner_plates=tuple(
+                    (name, size, dim) for name, (dim, size) in structure.inner_plates.items()
+                ),
+                reads_model=structure.mask is not None or structure.scaled,
             )
-        support = site["fn"].support
-        if support.is_discrete:
-            raise ValueError(
-                f"latent site {name!r} is discrete; amortized Gaussian guides need "
-                "continuous latent variables (enumerate or marginalise it)"
-            )
-        event_shape = site["fn"].event_shape
-        unconstrained = biject_to(support).inverse_shape(event_shape)
-        sites.append(LatentSite(name, event_shape, unconstrained, support))
-    if not sites:
+        )
+    if not latent:
         raise ValueError("the model has no latent sites to guide")
     return sites
 
@@ -94,7 +140,7 @@ class AmortizedGuide(LocalParamsModule):
     *example_args, **example_kwargs
         Arguments of one model call (a few data points suffice) to read its latent sites.
     data_plate : str
-        Name of the model's plate over data points.
+        Name of the model's plate over data points (at any ``dim``).
     hidden_sizes : sequence of int
         Hidden widths of the shared encoder.
     activation : str
@@ -117,7 +163,9 @@ class AmortizedGuide(LocalParamsModule):
         super().__init__()
         self.sites = latent_sites(model, example_args, example_kwargs, data_plate)
         self.data_plate = data_plate
+        self.data_dim = _data_dim(self.sites[0]) if self.sites else -1
         object.__setattr__(self, "encoder_input", encoder_input)
+        object.__setattr__(self, "model", model if any(s.reads_model for s in self.sites) else None)
         width = encoder_input(*example_args, **example_kwargs).shape[-1]
         self.trunk = MLP(width, hidden_sizes, activation)
         features = self.trunk.out_features
@@ -125,18 +173,62 @@ class AmortizedGuide(LocalParamsModule):
         self.raw_scales = nn.ModuleDict({s.name: nn.Linear(features, s.width) for s in self.sites})
 
     def distribution(self, site: LatentSite, hidden: torch.Tensor) -> dist.TorchDistribution:
-        """q(z_site | x) for encoder features ``hidden`` of shape (N, H)."""
-        shape = hidden.shape[:-1] + site.unconstrained_shape
-        loc = self.locs[site.name](hidden).reshape(shape)
-        scale = positive_scale(self.raw_scales[site.name](hidden)).reshape(shape)
+        """q(z_site | x) for encoder features ``hidden`` of shape (N, H): batch shape the
+        model site's (N at its data axis), event shape the site's."""
+        loc = self._arrange(site, self.locs[site.name](hidden))
+        scale = self._arrange(site, positive_scale(self.raw_scales[site.name](hidden)))
         base = dist.Normal(loc, scale, validate_args=False).to_event(len(site.unconstrained_shape))
         transform = biject_to(site.support)
         if _is_identity(transform):
             return base
         return dist.TransformedDistribution(base, [transform])
 
+    @staticmethod
+    def _arrange(site: LatentSite, outputs: torch.Tensor) -> torch.Tensor:
+        """(N, width) head outputs as (batch shape with N at the data axis, event shape)."""
+        shape = (outputs.shape[0], *site.other_batch_sizes, *site.unconstrained_shape)
+        return outputs.reshape(shape).movedim(0, site.data_axis)
+
     def forward(self, *args, **kwargs):
         hidden = self.trunk(self.encoder_input(*args, **kwargs))
-        with pyro.plate(self.data_plate, hidden.shape[0]):
+        read = self._model_masks_and_scales(args, kwargs) if self.model is not None else {}
+        with pyro.plate(self.data_plate, hidden.shape[0], dim=self.data_dim):
             for site in self.sites:
-                pyro.sample(site.name, self.distribution(site, hidden))
+                self._check_inner_sizes(site, read.get(site.name))
+                with ExitStack() as stack:
+                    for name, size, dim in site.inner_plates:
+                        stack.enter_context(pyro.plate(name, size, dim=dim))
+                    mask, scale = read.get(site.name, (None, 1.0))[:2]
+                    if mask is not None:
+                        stack.enter_context(poutine.mask(mask=mask))
+                    if not (isinstance(scale, float) and scale == 1.0):
+                        stack.enter_context(poutine.scale(scale=scale))
+                    pyro.sample(site.name, self.distribution(site, hidden))
+
+    def _model_masks_and_scales(self, args: tuple, kwargs: dict) -> dict:
+        """{site: (mask, scale, inner plate sizes)} of the model's latent sites on this call,
+        read by running the model with its sample sites hidden, on private random streams."""
+        with private_randomness(args, kwargs), torch.no_grad():
+            with poutine.block(hide_types=["sample", "observe"]):
+                trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+        read = {}
+        for site in self.sites:
+            node = trace.nodes[site.name]
+            sizes = {f.name: f.size for f in node["cond_indep_stack"]}
+            read[site.name] = (node["mask"], own_scale(node), sizes)
+        return read
+
+    def _check_inner_sizes(self, site: LatentSite, read) -> None:
+        if read is None:
+            return
+        for name, size, _ in site.inner_plates:
+            if read[2].get(name, size) != size:
+                raise ValueError(
+                    f"plate {name!r} around latent site {site.name!r} has size {read[2][name]} "
+                    f"in this call but {size} in the example the guide was built from: an "
+                    "amortized guide has one output per element of a fixed-size inner plate"
+                )
+
+
+def _data_dim(site: LatentSite) -> int:
+    return site.data_axis - len(site.batch_shape)

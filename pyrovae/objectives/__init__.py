@@ -76,6 +76,8 @@ def make_objective(
     num_particles: int = 1,
     max_plate_nesting: int | float | None = 1,
     traceable: bool = False,
+    data_plate: str = "data",
+    vectorize_particles: bool | None = None,
     **options,
 ) -> pyro.infer.ELBO:
     """Build the named objective with vectorized particles.
@@ -93,6 +95,14 @@ def make_objective(
         from the guide for that guess; pyrovae's objectives do not).
     traceable : bool
         Replace Pyro's ELBOs by their equivalents in :data:`TRACEABLE_EQUIVALENTS`.
+    data_plate : str
+        Name of the model's plate over data points (pyrovae's objectives take their
+        per-datapoint bounds in it; Pyro's ELBOs sum over all sites and do not need it).
+    vectorize_particles : bool, optional
+        Draw the K particles in one vectorized pass (``True``), one per pass (``False``), or
+        decide by checking the model on the first call (``None``; see
+        :class:`~pyrovae.objectives.base.ParticleObjective`). Pyro's ELBOs vectorize only
+        when this is not ``False`` and K > 1, so that code written for one draw runs them.
     **options
         Objective-specific settings, see :data:`OBJECTIVE_OPTIONS`.
     """
@@ -111,7 +121,15 @@ def make_objective(
     if max_plate_nesting is None:
         max_plate_nesting = float("inf")
     if issubclass(cls, ParticleObjective):
-        return cls(num_particles=num_particles, max_plate_nesting=max_plate_nesting, **arguments)
+        return cls(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            data_plate=data_plate,
+            **arguments,
+        )
     return cls(
-        num_particles=num_particles, vectorize_particles=True, max_plate_nesting=max_plate_nesting
+        num_particles=num_particles,
+        vectorize_particles=vectorize_particles is not False and num_particles > 1,
+        max_plate_nesting=max_plate_nesting,
     )

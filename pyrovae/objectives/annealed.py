@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pyrovae.evaluation.latents import per_dimension_kl
-from pyrovae.evaluation.traces import reduce_terms
+from pyrovae.evaluation.traces import SequentialTraces, reduce_terms
 from pyrovae.objectives.base import ParticleObjective
 
 
@@ -74,6 +74,12 @@ class AnnealedMeanFieldELBO(ParticleObjective):
         return terms.log_p_obs.mean(0) - self.kl_weight * kl
 
     def _free_bits_kl(self, traces, terms) -> torch.Tensor:
+        if isinstance(traces, SequentialTraces):
+            raise ValueError(
+                "free bits average the KL over the particles of one vectorized pass; this model "
+                "runs one draw per pass (it does not broadcast over a particle dimension): use "
+                "free_bits=0, or write the model to broadcast over leading dimensions"
+            )
         total = 0.0
         for name in traces.latent_names:
             per_dim = per_dimension_kl(

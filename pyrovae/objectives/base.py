@@ -8,9 +8,10 @@ import pyro.infer
 import torch
 from pyro.util import warn_if_nan
 
+from pyrovae.evaluation.structure import ModelStructure, check_structure
 from pyrovae.evaluation.traces import (
     ParticleTraces,
-    guess_max_plate_nesting,
+    SequentialTraces,
     reduce_terms,
     resolve_plate_nesting,
     run_traces,
@@ -47,10 +48,13 @@ class ParticleObjective(pyro.infer.ELBO):
         the RNG (seeded draws that follow are unchanged), then cached.
     max_iarange_nesting : int, optional
         Deprecated alias of ``max_plate_nesting`` (a ``DeprecationWarning``, as in Pyro).
-    vectorize_particles : bool
-        The K draws are always taken in one vectorized pass (a plate left of the model's);
-        the bounds need them together for the per-datapoint log-sum-exp. ``False`` is
-        accepted with one particle (the same computation) and refused with several.
+    vectorize_particles : bool, optional
+        ``True``: the K draws are taken in one vectorized pass (a plate left of the
+        model's); ``False``: one draw per pass (Pyro's meaning), for programs written for
+        one draw; ``None`` (default): vectorized when the model and guide broadcast over a
+        leading particle dimension, which the first call checks (see
+        :mod:`pyrovae.evaluation.structure`), else one per pass with one warning. Either
+        way the bound is the same per-datapoint function of the K draws.
     strict_enumeration_warning : bool
         Stored for compatibility; these objectives never enumerate discrete sites (they need
         reparameterized guide sites), so there is nothing to warn about.
@@ -77,7 +81,7 @@ class ParticleObjective(pyro.infer.ELBO):
         num_particles: int = 1,
         max_plate_nesting: int | float | None = float("inf"),
         max_iarange_nesting: int | None = None,
-        vectorize_particles: bool = True,
+        vectorize_particles: bool | None = None,
         strict_enumeration_warning: bool = True,
         ignore_jit_warnings: bool = False,
         jit_options: dict | None = None,
@@ -95,7 +99,10 @@ class ParticleObjective(pyro.infer.ELBO):
             )
             max_plate_nesting = max_iarange_nesting
         nesting = resolve_plate_nesting(max_plate_nesting)
-        _check_vectorized(vectorize_particles, num_particles)
+        if vectorize_particles not in (None, True, False):
+            raise ValueError(
+                f"vectorize_particles must be True, False or None, got {vectorize_particles!r}"
+            )
         if tail_adaptive_beta != -1.0:
             raise ValueError(
                 f"tail_adaptive_beta={tail_adaptive_beta!r} applies to Pyro's "
@@ -104,7 +111,7 @@ class ParticleObjective(pyro.infer.ELBO):
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=float("inf") if nesting is None else nesting,
-            vectorize_particles=bool(vectorize_particles),
+            vectorize_particles=vectorize_particles is not False,
             strict_enumeration_warning=strict_enumeration_warning,
             ignore_jit_warnings=ignore_jit_warnings,
             jit_options=jit_options,
@@ -115,6 +122,8 @@ class ParticleObjective(pyro.infer.ELBO):
         self.max_plate_nesting = float("inf") if nesting is None else nesting
         self.data_plate = data_plate
         self._nesting = nesting
+        self._vectorize = vectorize_particles
+        self._structures: dict[tuple[int, int], ModelStructure] = {}
 
     # -- what subclasses implement -------------------------------------------------------
     def surrogate(self, traces: ParticleTraces) -> torch.Tensor:
@@ -125,14 +134,47 @@ class ParticleObjective(pyro.infer.ELBO):
         raise NotImplementedError(f"{type(self).__name__} traces through run_traces")
 
     # -- shared machinery ----------------------------------------------------------------
-    def plate_nesting(self, model, guide, args: tuple, kwargs: dict) -> int:
-        """The model's plate depth: ``max_plate_nesting``, or guessed once from a run of model
-        and guide on the full arguments (any arguments: tensors, numbers or none)."""
-        if self._nesting is None:
-            self._nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
-        return self._nesting
+    def prepare(self, model, guide, *args, **kwargs) -> ModelStructure:
+        """Check ``model`` and ``guide`` once (:func:`~pyrovae.evaluation.structure.check_structure`,
+        on private random streams), before their first step: the refusals come before any
+        parameter changes. Returns the structure (cached per model and guide)."""
+        key = (id(model), id(guide))
+        if key not in self._structures:
+            structure = check_structure(
+                model,
+                guide,
+                *args,
+                data_plate=self.data_plate,
+                max_plate_nesting=self._nesting,
+                probe_rows=None,  # any arguments: run on the call's own
+                **kwargs,
+            )
+            if self._nesting is None:
+                self._nesting = structure.max_plate_nesting
+            if not self.linear:
+                structure.require_common_scale(f"the {type(self).__name__} objective")
+            self._check_particles(structure)
+            self._structures[key] = structure
+        return self._structures[key]
 
-    def traces(self, model, guide, args, kwargs) -> ParticleTraces:
+    def _check_particles(self, structure: ModelStructure) -> None:
+        if structure.vectorized or self._vectorize is False:
+            return
+        if self._vectorize:
+            raise ValueError(
+                "vectorize_particles=True: the model and guide do not broadcast over a leading "
+                f"particle dimension ({structure.why_sequential}); pass "
+                "vectorize_particles=None or False to draw the particles one per pass"
+            )
+        structure.warn_if_sequential(self.num_particles, stacklevel=5)
+
+    def plate_nesting(self, model, guide, args: tuple, kwargs: dict) -> int:
+        """The model's plate depth: ``max_plate_nesting``, or found by the first check."""
+        return self.prepare(model, guide, *args, **kwargs).max_plate_nesting
+
+    def traces(self, model, guide, args, kwargs) -> ParticleTraces | SequentialTraces:
+        structure = self.prepare(model, guide, *args, **kwargs)
+        vectorized = structure.vectorized if self._vectorize is None else self._vectorize
         traces = run_traces(
             model,
             guide,
@@ -140,10 +182,11 @@ class ParticleObjective(pyro.infer.ELBO):
             kwargs,
             self.num_particles,
             self.data_plate,
-            self.plate_nesting(model, guide, args, kwargs),
+            structure.max_plate_nesting,
             block=False,
             alias_latents=self.alias_latents,
             site_scales=self.linear,
+            vectorized=vectorized,
         )
         if self.needs_reparameterization:
             self._check_reparameterized(traces)
@@ -199,15 +242,6 @@ def _is_one(scale) -> bool:
 def _check_num_particles(num_particles) -> None:
     if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
-
-
-def _check_vectorized(vectorize_particles, num_particles: int) -> None:
-    if not vectorize_particles and num_particles > 1:
-        raise ValueError(
-            f"vectorize_particles=False with num_particles={num_particles} is not supported: "
-            "the bounds take a log-sum-exp over the draws of one vectorized pass; use "
-            "vectorize_particles=True (the default here)"
-        )
 
 
 def score_free(log_weights: torch.Tensor, traces: ParticleTraces) -> torch.Tensor:

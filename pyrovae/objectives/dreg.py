@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from pyrovae.evaluation.traces import reduce_terms
+from pyrovae.evaluation.traces import SequentialTraces, reduce_terms
 from pyrovae.objectives.base import ParticleObjective
 
 
@@ -48,9 +48,13 @@ class DReGIWAE(ParticleObjective):
         bound = torch.logsumexp(log_weights.detach(), 0) - math.log(log_weights.shape[0])
         return surrogate - surrogate.detach() + bound
 
-    @staticmethod
-    def _scale_model_draw_gradients(traces, normalized: torch.Tensor) -> None:
+    @classmethod
+    def _scale_model_draw_gradients(cls, traces, normalized: torch.Tensor) -> None:
         """Multiply the gradient reaching the model's alias of each draw z_k by sg(w~_k)."""
+        if isinstance(traces, SequentialTraces):  # one pass per draw, no particle axis
+            for k, part in enumerate(traces.parts):
+                cls._scale_single_draw(part, normalized[k])
+            return
         for name in traces.latent_names:
             site = traces.model_sites[name]
             value = site["value"]
@@ -60,3 +64,21 @@ class DReGIWAE(ParticleObjective):
             shape[0], shape[traces.data_axis(traces.guide_sites[name])] = normalized.shape
             factor = normalized.reshape(shape)
             value.register_hook(lambda grad, factor=factor: grad * factor)
+
+    @staticmethod
+    def _scale_single_draw(part, weights: torch.Tensor) -> None:
+        """The same for one pass without a particle axis; ``weights`` has shape (N,)."""
+        for name in part.latent_names:
+            value = part.model_sites[name]["value"]
+            if not value.requires_grad:
+                continue
+            site = part.guide_sites[name]
+            axis = value.dim() - len(site["fn"].event_shape) + _data_dim(site, part.data_plate)
+            shape = [1] * value.dim()
+            shape[axis] = weights.shape[0]
+            factor = weights.reshape(shape)
+            value.register_hook(lambda grad, factor=factor: grad * factor)
+
+
+def _data_dim(site: dict, data_plate: str) -> int:
+    return next(f.dim for f in site["cond_indep_stack"] if f.name == data_plate)
