@@ -10,14 +10,17 @@ File layout (format version 2)::
 The digest is the SHA-256 of the header line without its ``sha256=...`` field (that is, of
 ``b"pyrovae-model <version> <payload bytes>\\n"``) followed by the payload bytes, so that a
 damaged version number or length is caught as surely as a damaged tensor. The digest is
-checked before a single byte is unpickled. This envelope is the same for every later format
+checked before a single byte is unpickled, and the header (and the announced length against
+the file's size and the machine's memory) before a byte of the payload is read, so that a
+large file of another kind is refused at once. This envelope is the same for every later format
 version, so that a file of a newer version is recognised as such (with its checksum
 verified) rather than as a damaged one.
 
 Format version 1 files (written before the checksum existed) are the bare ``torch.save``
 archive, starting with the zip signature ``PK\\x03\\x04``. They still load: their zip
 members' CRC-32 sums are verified instead, which catches damage to the data but not to every
-byte of the archive's own directory.
+byte of the archive's own directory. Their directory, at the end of the file, is read
+before any member.
 """
 
 from __future__ import annotations
@@ -302,24 +305,27 @@ def read_checkpoint(
         raise TypeError(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}")
     device = _checked_device(device)
     path = Path(path)
-    data = _read_regular_file(path)
-    if data.startswith(MAGIC):
-        version, body = _verified_body(data, path)
-        payload = _unpickle(body, path, device)
-    elif data.startswith(_ZIP_SIGNATURE):
-        version = 1
-        _check_legacy_archive(data, path)
-        payload = _unpickle(data, path, device)
-    elif data[:1] == b"\x80":  # a bare pickle stream: never unpickled, whatever it holds
-        raise CheckpointError(
-            f"refusing to load {path}: it is a bare pickle, not a model archive, and "
-            "unpickling it could execute code"
-        )
-    else:
-        what = "the file is empty" if not data else "it starts with neither a pyrovae header"
-        if data:
-            what += " nor a torch archive"
-        raise CheckpointError(f"model file {path} is truncated or corrupt ({what})")
+    with _open_regular_file(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        head = _read(handle, _HEADER_LIMIT, path)
+        if head.startswith(MAGIC):
+            version, body = _verified_body(handle, head, size, path)
+            payload = _unpickle(io.BytesIO(body), path, device)
+        elif head.startswith(_ZIP_SIGNATURE):
+            version = 1
+            _check_legacy_archive(handle, size, path)
+            handle.seek(0)
+            payload = _unpickle(handle, path, device)
+        elif head[:1] == b"\x80":  # a bare pickle stream: never unpickled, whatever it holds
+            raise CheckpointError(
+                f"refusing to load {path}: it is a bare pickle, not a model archive, and "
+                "unpickling it could execute code"
+            )
+        else:
+            what = "the file is empty" if not head else "it starts with neither a pyrovae header"
+            if head:
+                what += " nor a torch archive"
+            raise CheckpointError(f"model file {path} is truncated or corrupt ({what})")
     _check_payload(payload, path, version)
     if not allow_nonfinite:
         _check_finite(payload, path)
@@ -340,9 +346,9 @@ def _checked_device(device) -> torch.device:
     return resolved
 
 
-def _read_regular_file(path: Path) -> bytes:
-    """The bytes of ``path``; refuses, without opening it, anything but a regular file (a
-    FIFO would block, a device such as /dev/zero never ends)."""
+def _open_regular_file(path: Path):
+    """``path`` opened for binary reading; refuses, without opening it, anything but a
+    regular file (a FIFO would block, a device such as /dev/zero never ends)."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -365,37 +371,74 @@ def _read_regular_file(path: Path) -> bytes:
             else "not a regular file"
         )
         raise CheckpointError(f"model file {path} is {kind}, not a regular file")
+    try:  # non-blocking: a FIFO swapped in since the stat above must not block the open
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        handle = os.fdopen(descriptor, "rb")
+    except OSError as error:
+        reason = error.strerror or error
+        raise CheckpointError(f"cannot read model file {path}: {reason}") from error
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):  # replaced since the stat above
+        handle.close()
+        raise CheckpointError(f"model file {path} is not a regular file")
+    return handle
+
+
+def _read(handle, size: int, path: Path) -> bytes:
+    """Up to ``size`` bytes from ``handle`` (fewer at the end of the file)."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read()
+        return handle.read(size)
     except OSError as error:
         reason = error.strerror or error
         raise CheckpointError(f"cannot read model file {path}: {reason}") from error
 
 
-def _verified_body(data: bytes, path: Path) -> tuple[int, bytes]:
-    """Parse the header, check length and checksum; return (version, payload bytes)."""
+def memory_limit() -> int | None:
+    """Bytes of physical memory on this machine (``None`` where unknown): no model file
+    larger than this can be loaded, so a header announcing more is refused unread."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_loadable_size(size: int, path: Path, what: str) -> None:
+    limit = memory_limit()
+    if limit is not None and size > limit:
+        raise CheckpointError(
+            f"model file {path} is not loadable: {what} {size / 2**30:.1f} GiB, more than this "
+            f"machine's {limit / 2**30:.1f} GiB of memory"
+        )
+
+
+def _verified_body(handle, head: bytes, size: int, path: Path) -> tuple[int, bytes]:
+    """Parse the header (the first bytes ``head`` of the file of ``size`` bytes), check the
+    announced length against the file's size, and only then read the payload and check its
+    checksum; return (version, payload bytes)."""
     corrupt = f"model file {path} is truncated or corrupt"
-    end = data.find(b"\n", 0, _HEADER_LIMIT)
+    end = head.find(b"\n", 0, _HEADER_LIMIT)
     if end < 0:
         raise CheckpointError(f"{corrupt}: its header line is damaged (no end of line)")
-    match = _HEADER.fullmatch(data[:end])
+    match = _HEADER.fullmatch(head[:end])
     if match is None:
-        shown = data[:end][:120].decode("ascii", "replace")
+        shown = head[:end][:120].decode("ascii", "replace")
         raise CheckpointError(f"{corrupt}: its header line is damaged ({shown!r})")
     version, length, expected = int(match[1]), int(match[2]), match[3].decode()
-    body = memoryview(data)[end + 1 :]
-    if len(body) < length:
+    held = size - (end + 1)
+    if held != length:
+        change = "truncated" if held < length else "bytes appended"
+        raise CheckpointError(
+            f"{corrupt}: the header announces {length} payload bytes, the file holds "
+            f"{held} ({change})"
+        )
+    _check_loadable_size(length, path, "its header announces a payload of")
+    handle.seek(end + 1)
+    body = _read(handle, length, path)
+    if len(body) != length:  # shortened while being read
         raise CheckpointError(
             f"{corrupt}: the header announces {length} payload bytes, the file holds "
             f"{len(body)} (truncated)"
         )
-    if len(body) > length:
-        raise CheckpointError(
-            f"{corrupt}: the header announces {length} payload bytes, the file holds "
-            f"{len(body)} (bytes appended)"
-        )
-    digest = hashlib.sha256(data[: match.end(2)] + b"\n")
+    digest = hashlib.sha256(head[: match.end(2)] + b"\n")
     digest.update(body)
     if digest.hexdigest() != expected:
         raise CheckpointError(
@@ -409,17 +452,21 @@ def _verified_body(data: bytes, path: Path) -> tuple[int, bytes]:
         )
     if version < 2:
         raise CheckpointError(f"{corrupt}: its header names format version {version}")
-    return version, bytes(body)
+    return version, body
 
 
-def _check_legacy_archive(data: bytes, path: Path) -> None:
-    """Format 1 (no checksum): the zip archive must be complete and its members' CRC-32 sums
-    right."""
+def _check_legacy_archive(handle, size: int, path: Path) -> None:
+    """Format 1 (no checksum): the zip archive must be complete (its directory, read from the
+    end of the file, is read before any member), no larger than this machine's memory, and
+    its members' CRC-32 sums right."""
     corrupt = f"model file {path} is truncated or corrupt"
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            damaged = archive.testzip()
+        with zipfile.ZipFile(handle) as archive:
             members = archive.infolist()
+            _check_loadable_size(size, path, "the archive holds")
+            damaged = archive.testzip()
+    except CheckpointError:
+        raise
     except Exception as error:  # noqa: BLE001 - any failure of a damaged archive
         raise CheckpointError(f"{corrupt} (not a complete archive: {_describe(error)})") from error
     if damaged is not None:
@@ -433,9 +480,10 @@ def _check_legacy_archive(data: bytes, path: Path) -> None:
             )
 
 
-def _unpickle(body: bytes, path: Path, device: torch.device):
+def _unpickle(source, path: Path, device: torch.device):
+    """The object ``torch.load(weights_only=True)`` reads from the file object ``source``."""
     try:
-        return torch.load(io.BytesIO(body), map_location=device, weights_only=True)
+        return torch.load(source, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than plain data and tensors, "
@@ -484,6 +532,86 @@ def _check_payload(payload, path: Path, version: int) -> None:
         raise CheckpointError(f"model file {path} is corrupt or invalid: {'; '.join(problems)}")
 
 
+def check_optimizer_state(optimizer_state: dict | None, parameters, path) -> None:
+    """Refuse an optimizer state that is not a ``torch.optim`` state dict, or does not fit
+    ``parameters`` (the model's, in the order :func:`pyrovae.training.fit` gives them to
+    Adam). ``None`` (no state saved) passes.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the file and the first problem.
+    """
+    if optimizer_state is None:
+        return
+    problem = _optimizer_problem(optimizer_state) or _optimizer_mismatch(
+        optimizer_state, list(parameters)
+    )
+    if problem is not None:
+        raise CheckpointError(f"model file {path} is corrupt or invalid: {problem}")
+
+
+def _optimizer_problem(optimizer: dict) -> str | None:
+    """What makes ``optimizer`` not a ``torch.optim`` state dict: ``state`` maps parameter
+    indices to dicts of moments (tensors or numbers), ``param_groups`` is a list of dicts
+    each naming its parameters' indices (each index in one group) and a positive learning
+    rate."""
+    state, groups = optimizer.get("state"), optimizer.get("param_groups")
+    if not isinstance(state, dict) or not isinstance(groups, list):
+        return "its optimizer state lacks its state or param_groups"
+    indices = []
+    for number, group in enumerate(groups):
+        params = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(params, list) or not all(_is_index(i) for i in params):
+            return f"its optimizer's parameter group {number} has no list of parameter indices"
+        if not _is_positive_number(group.get("lr")):
+            return f"its optimizer's parameter group {number} has no positive learning rate"
+        indices += params
+    if len(set(indices)) != len(indices):
+        return "its optimizer names a parameter in more than one group"
+    for index, moments in state.items():
+        if index not in indices:
+            return f"its optimizer holds moments of parameter {index!r}, which no group names"
+        if not isinstance(moments, dict) or not all(
+            isinstance(value, (torch.Tensor, int, float)) for value in moments.values()
+        ):
+            return f"its optimizer's moments of parameter {index} are not tensors"
+    return None
+
+
+def _optimizer_mismatch(optimizer: dict, parameters: list) -> str | None:
+    """How a well-formed optimizer state does not fit ``parameters``: the one group of all
+    of them that :func:`pyrovae.training.fit` builds, moments of each parameter's shape."""
+    groups = optimizer["param_groups"]
+    if len(groups) != 1 or sorted(groups[0]["params"]) != list(range(len(parameters))):
+        held = sum(len(group["params"]) for group in groups)
+        return (
+            f"its optimizer state has {len(groups)} parameter group(s) of {held} parameters, "
+            f"the model one group of {len(parameters)}"
+        )
+    for index, moments in optimizer["state"].items():
+        shape = tuple(parameters[index].shape)
+        for key, value in moments.items():
+            if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != shape:
+                return (
+                    f"its optimizer {key} of parameter {index} has shape "
+                    f"{tuple(value.shape)}, the parameter {shape}"
+                )
+    return None
+
+
+def _is_index(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_positive_number(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        value = float(value) if value.numel() == 1 and value.is_floating_point() else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 < value < float("inf")
+
+
 def _check_finite(payload: dict, path: Path) -> None:
     """Refuse NaN or infinite parameters and optimizer moments."""
     tensors = [
@@ -524,9 +652,11 @@ __all__ = [
     "MAGIC",
     "STALE_TEMPORARY_SECONDS",
     "CheckpointError",
+    "check_optimizer_state",
     "check_output_paths",
     "check_plain_data",
     "encode_checkpoint",
+    "memory_limit",
     "read_checkpoint",
     "remove_stale_temporaries",
     "temporary_pattern",

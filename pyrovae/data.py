@@ -412,6 +412,32 @@ def _check_images(
         raise ValueError(f"{source}: expected images of shape {expected}, got {array.shape}")
 
 
+def _check_numbers(array: np.ndarray, source: Path, name: str, integers: bool = False) -> None:
+    """Raise ValueError unless ``array`` holds numbers (integers, with ``integers``): an
+    array of strings such as ``'1'`` would otherwise be converted silently."""
+    kinds = "iu" if integers else "biuf"
+    if array.dtype.kind not in kinds:
+        wanted = "integers" if integers else "numbers"
+        held = "strings" if array.dtype.kind in "SU" else "values"
+        raise ValueError(
+            f"{source}: array {name!r} holds {held} of dtype {array.dtype}, not {wanted}"
+        )
+
+
+def _check_binary(array: np.ndarray, source: Path, name: str) -> None:
+    """Raise ValueError unless the numbers in ``array`` are all 0 or 1 (one pass over
+    unsigned integers, the usual storage)."""
+    if array.dtype.kind == "b" or (array.dtype.kind == "u" and array.max(initial=0) <= 1):
+        return
+    other = (array != 0) & (array != 1)
+    if other.any():
+        first = tuple(int(i) for i in np.argwhere(other)[0])
+        raise ValueError(
+            f"{source}: array {name!r} of binarized images holds values other than 0 and 1 "
+            f"({int(other.sum())} entries, first at {first}: {array[first]!r})"
+        )
+
+
 def load_binarized_mnist(
     data_dir: str | os.PathLike[str] | None = None, download: bool = True
 ) -> DatasetSplits:
@@ -475,7 +501,11 @@ def _binarized_splits(
 ) -> DatasetSplits:
     """Wrap binarized-MNIST arrays into :class:`DatasetSplits`."""
     for split, array in arrays.items():
+        _check_numbers(array, source, split)
         _check_images(array, None, _MNIST_PIXELS, source, split)
+        _check_binary(array, source, split)
+    if test_labels is not None:
+        _check_numbers(test_labels, source, "test_labels", integers=True)
     return DatasetSplits(
         name="binarized-mnist",
         train=_as_float(arrays["train"]),

@@ -193,7 +193,7 @@ def fit(
             )
         except NonFiniteTrainingError as error:
             if snapshot is None or rollbacks >= config.max_rollbacks:
-                raise _explain(error, config, checkpoint_path, rollbacks, written) from None
+                raise _explain(error, config, checkpoint_path, rollbacks, written, train) from None
             rollbacks += 1
             _roll_back(vae, optimizer, generator, snapshot, config.rollback_factor, error)
             continue
@@ -478,18 +478,37 @@ def _roll_back(vae, optimizer, generator, snapshot: dict, factor: float, error) 
     )
 
 
+LARGE_DATA = 1e3
+"""Training data beyond this magnitude are named as the likely cause of a non-finite step."""
+
+
 def _explain(
-    error: NonFiniteTrainingError, config, checkpoint_path, rollbacks: int, written: int | None
+    error: NonFiniteTrainingError,
+    config,
+    checkpoint_path,
+    rollbacks: int,
+    written: int | None,
+    train: tuple = (),
 ):
     """The error with advice; ``written``: epoch of the last checkpoint this run wrote (or
-    resumed from), ``None`` when there is none."""
+    resumed from), ``None`` when there is none. Training data of a magnitude beyond
+    :data:`LARGE_DATA` are named as the cause instead of advice on the learning rate."""
+    largest = max(
+        (float(t.abs().max()) for t in train if t.is_floating_point() and t.numel()), default=0
+    )
     if checkpoint_path is None:
         kept = ""
     elif written is None:
         kept = f"No checkpoint was written before the failure ({checkpoint_path} untouched). "
     else:
         kept = f"The last checkpoint {checkpoint_path} is intact (epoch {written}). "
-    if config.on_nonfinite == "rollback":
+    if largest > LARGE_DATA:
+        advice = (
+            f"The training data reach |x| = {largest:.3g}, far from the unit scale the "
+            "networks start at: rescale them (e.g. to unit variance) rather than lowering the "
+            "learning rate."
+        )
+    elif config.on_nonfinite == "rollback":
         advice = f"Gave up after {rollbacks} rollbacks; lower learning_rate or set clip_norm."
     else:
         advice = (

@@ -52,7 +52,8 @@ def positive_int(value, name: str) -> int:
 
 def integer_tuple(values, name: str) -> tuple:
     """A sequence (list, tuple, 1-D NumPy array or tensor) as a tuple, NumPy and tensor
-    integers turned into ``int``; a scalar or a string is refused with ``ValueError``."""
+    integers turned into ``int``; ``None``, a scalar, a string, a dict or a set (which has
+    no order) is refused with ``ValueError``."""
     if isinstance(values, torch.Tensor):
         values = values.tolist()
     if isinstance(values, np.ndarray):
@@ -61,8 +62,10 @@ def integer_tuple(values, name: str) -> tuple:
                 f"{name} must be a sequence of integers, got an array of shape {values.shape}"
             )
         values = values.tolist()
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"{name} must be a sequence of integers, got {values!r}")
+    if isinstance(values, (str, bytes, dict, set, frozenset)) or not hasattr(values, "__iter__"):
+        raise ValueError(
+            f"{name} must be a sequence of integers (a tuple or list), got {values!r}"
+        )
     return tuple(plain(value) for value in values)
 
 
@@ -86,10 +89,7 @@ def normalize_config(config) -> None:
         if value is None and optional:
             continue
         if annotation.startswith("tuple["):
-            if isinstance(value, (np.ndarray, torch.Tensor, list)):
-                value = integer_tuple(value, field.name)
-            elif isinstance(value, tuple):
-                value = tuple(plain(v) for v in value)
+            value = integer_tuple(value, field.name)  # refuses None, a number, a string
         else:
             value = plain(value)
         if kinds - {"None"} == {"str"} and not isinstance(value, str):
@@ -126,6 +126,18 @@ def as_data_tensor(x, name: str = "data", keep_dtype: bool = False) -> torch.Ten
         raise TypeError(f"{name} must be real-valued, got dtype {tensor.dtype}")
     if not tensor.is_floating_point() and not keep_dtype:
         tensor = tensor.to(torch.get_default_dtype())
+    return tensor
+
+
+def check_dense(tensor: torch.Tensor, name: str = "data") -> torch.Tensor:
+    """``tensor``, or ``TypeError`` if it has no ordinary values to compute with: a sparse
+    (or other non-strided) tensor, a nested tensor, or a tensor on the ``meta`` device,
+    which has a shape but no values."""
+    if tensor.is_nested or tensor.layout != torch.strided:
+        layout = "nested" if tensor.is_nested else str(tensor.layout).removeprefix("torch.")
+        raise TypeError(f"{name} is a {layout} tensor; pass a dense one (x.to_dense())")
+    if tensor.device.type == "meta":
+        raise TypeError(f"{name} is a tensor on the 'meta' device, which holds no values")
     return tensor
 
 
@@ -179,18 +191,19 @@ def check_data(
 ):
     """Validate a data matrix of shape (N, D) and return it as a floating tensor.
 
-    Checks, in order: numeric dtype, two dimensions, at least one row, D features, finite
-    values, values within the range of ``dtype`` (when given: the result is in that
-    dtype), and the likelihood's support.
+    Checks, in order: numeric dtype, a dense tensor with values (not sparse, not on the
+    ``meta`` device), two dimensions, at least one row, D features, finite values, values
+    within the range of ``dtype`` (when given: the result is in that dtype), and the
+    likelihood's support.
 
     Raises
     ------
     TypeError
-        Non-numeric data.
+        Non-numeric data, or a sparse or meta tensor.
     ValueError
         Any other failed check; the message names the check and the offending value.
     """
-    tensor = as_data_tensor(x, name)
+    tensor = check_dense(as_data_tensor(x, name), name)
     if tensor.dim() != 2:
         raise ValueError(
             f"{name} must be a matrix of shape (num_points, {num_features}); "
@@ -210,16 +223,31 @@ def check_data(
 
 
 def finite_inputs(tensors: tuple, dtype: torch.dtype, device, name: str = "data") -> tuple:
-    """Model inputs on ``device``: floating ones finite, within the range of ``dtype`` and
-    in that dtype; integer and boolean ones unchanged (argument ``i`` is named
-    ``"{name} argument {i}"`` in errors)."""
+    """Model inputs on ``device``, each dense (not sparse, not on the ``meta`` device):
+    floating ones finite, within the range of ``dtype`` and in that dtype; integer and
+    boolean ones unchanged (argument ``i`` is named ``"{name} argument {i}"`` in errors)."""
     checked = []
     for i, tensor in enumerate(tensors):
         label = f"{name} argument {i}"
+        tensor = check_dense(tensor, label)
         if tensor.is_floating_point():
             tensor = cast_checked(check_finite(tensor, label), dtype, label)
         checked.append(tensor.to(device))
     return tuple(checked)
+
+
+def check_data_tensors(tensors, name: str = "data") -> None:
+    """Refuse per-datapoint tensors that no model can be evaluated on: sparse or meta
+    tensors (``TypeError``), no data points, or NaN or infinite values (``ValueError``,
+    naming the tensor, the count and the first entry)."""
+    for i, tensor in enumerate(tensors):
+        label = f"{name} argument {i}"
+        check_dense(tensor, label)
+        if tensor.dim() == 0 or tensor.shape[0] == 0:
+            shape = tuple(tensor.shape)
+            raise ValueError(f"{label} is empty: it has no data points (shape {shape})")
+        if tensor.is_floating_point() or tensor.is_complex():
+            check_finite(tensor, label)
 
 
 def sampling_options(options: dict) -> dict:
@@ -231,7 +259,7 @@ def sampling_options(options: dict) -> dict:
     options = dict(options)
     if "num_samples" in options:
         options["num_samples"] = positive_int(options["num_samples"], "num_samples (K)")
-    if options.get("max_pairs") is not None:
+    if "max_pairs" in options:
         options["max_pairs"] = positive_int(options["max_pairs"], "max_pairs")
     if options.get("seed") is not None:
         options["seed"] = check_seed(options["seed"])
@@ -268,7 +296,9 @@ def check_observed_support(
     ------
     ValueError
         Naming the site, the distribution, its support, the number of entries outside it and
-        the first one (its data point and value).
+        the first one (its data point and value); or, for data of a shape the model cannot
+        take (too many dimensions, the wrong number of features), the shapes: a value that
+        does not fit its distribution's shape, or the model's own error on the data.
     """
     size = inputs[0].shape[0]
     devices = sorted({t.device.index or 0 for t in inputs if t.device.type == "cuda"})
@@ -282,9 +312,10 @@ def check_observed_support(
             with torch.no_grad(), pyro.validation_enabled(False):
                 for start in range(0, size, chunk_size):
                     part = tuple(t[start : start + chunk_size] for t in inputs)
-                    trace = poutine.trace(model).get_trace(*part)
+                    trace = _trace_on_data(model, part, inputs, name)
                     for site in trace.nodes.values():
                         if site["type"] == "sample" and site["is_observed"]:
+                            _check_value_shape(site, inputs, name)
                             violation = _support_violation(site, start, data_plate)
                             if violation is not None:
                                 entry = found.setdefault(site["name"], [0, violation[1]])
@@ -302,6 +333,53 @@ def check_observed_support(
             f"{name}: the value of the model's observed site {site!r} lies outside the "
             f"support of its {family}: {count} entries, first {first}"
             + (f" (also in site(s) {others})" if others else "")
+        )
+
+
+def _trace_on_data(model, part: tuple, inputs: tuple, name: str):
+    """The trace of ``model(*part)``; a shape or value error of the model's code on the data
+    becomes one line naming the data's shapes."""
+    try:
+        return poutine.trace(model).get_trace(*part)
+    except (RuntimeError, ValueError, IndexError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise ValueError(
+            f"{name}: the model fails on data of shape {_shapes(inputs)} ({reason}); check that "
+            "the data have the dimensions and number of features the model expects"
+        ) from None
+
+
+def _shapes(tensors: tuple) -> str:
+    return ", ".join(str(tuple(t.shape)) for t in tensors)
+
+
+def _check_value_shape(site: dict, inputs: tuple, name: str) -> None:
+    """Refuse an observed value whose shape does not fit its distribution: the right-most
+    dimensions must equal the event shape and the rest broadcast with the batch shape (what
+    Pyro's validation checks, and what computing the log-density needs)."""
+    fn, value = site["fn"], site["value"]
+    try:
+        event, batch = tuple(fn.event_shape), tuple(fn.batch_shape)
+    except (AttributeError, NotImplementedError):
+        return
+    if not isinstance(value, torch.Tensor):
+        return
+    shape = tuple(value.shape)
+    expected = batch + event
+    fits = len(shape) >= len(event) and shape[len(shape) - len(event) :] == event
+    fits = fits and all(
+        i == j or 1 in (i, j) for i, j in zip(reversed(shape), reversed(expected))
+    )
+    if not fits:
+        data = "" if _shapes(inputs) == str(shape) else f" (data of shape {_shapes(inputs)})"
+        family = fn
+        while isinstance(family, torch.distributions.Independent):
+            family = family.base_dist
+        raise ValueError(
+            f"{name}: the model's observed site {site['name']!r} has a "
+            f"{type(family).__name__} distribution of batch shape {batch} and event shape "
+            f"{event}, which its value of shape {shape} does not fit{data}: check the "
+            "data's dimensions and number of features"
         )
 
 

@@ -302,3 +302,63 @@ def test_a_genuinely_newer_format_asks_for_an_upgrade(model_file, tmp_path):
     pattern = r"format version 3, newer than this library's 2; upgrade"
     with pytest.raises(CheckpointError, match=pattern):
         read_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- large files
+
+LARGE = 3 * 2**30
+"""Apparent size of the sparse files below: reading any of them whole would take seconds and
+gigabytes of memory; the header or archive signature must refuse them first."""
+
+
+def bytes_read() -> int:
+    """Bytes this process has read from files so far (Linux ``/proc/self/io``)."""
+    with open("/proc/self/io") as handle:
+        return int(next(line for line in handle if line.startswith("rchar:")).split()[1])
+
+
+def sparse_file(path: Path, head: bytes, size: int = LARGE) -> Path:
+    """A file of ``size`` bytes starting with ``head``, the rest a hole of zeros."""
+    path.write_bytes(head)
+    os.truncate(path, size)
+    if path.stat().st_blocks * 512 > 2**20:
+        pytest.skip("this filesystem stores the zeros of a sparse file")
+    return path
+
+
+@pytest.fixture
+def large_files(tmp_path, model_file):
+    if not Path("/proc/self/io").exists():
+        pytest.skip("needs /proc/self/io to count the bytes read")
+    header = model_file.read_bytes().split(b"\n", 1)[0] + b"\n"
+    line = f"pyrovae-model 2 {LARGE} sha256={'0' * 64}\n"  # as long as the right one
+    matching = f"pyrovae-model 2 {LARGE - len(line)} sha256={'0' * 64}\n".encode()
+    return {
+        "zeros": sparse_file(tmp_path / "zeros.pt", b""),
+        "a model's header, then zeros": sparse_file(tmp_path / "appended.pt", header),
+        "a zip signature, then zeros": sparse_file(tmp_path / "zip.pt", b"PK\x03\x04"),
+        "a header announcing the whole file": sparse_file(tmp_path / "huge.pt", matching),
+    }
+
+
+def test_large_non_model_files_are_refused_before_their_body_is_read(
+    large_files, model_file, monkeypatch
+):
+    """Issue 24, item 4: ``VAE.load`` on a 2 GiB file of zeros read it all (76 s, 2.3 GB).
+    The header, the archive's directory at the end of the file and the sizes are checked
+    first; a file announcing more than the machine's memory is refused unread."""
+    from pyrovae import checkpoint
+
+    monkeypatch.setattr(checkpoint, "memory_limit", lambda: 2**30)
+    VAE.load(model_file)  # lazy imports done before counting
+    messages = {}
+    for kind, path in large_files.items():
+        before = bytes_read()
+        with pytest.raises(CheckpointError, match=str(path)) as caught:
+            VAE.load(path)
+        assert bytes_read() - before < 2**20, kind
+        messages[kind] = str(caught.value)
+    assert "neither a pyrovae header nor a torch archive" in messages["zeros"]
+    assert "(bytes appended)" in messages["a model's header, then zeros"]
+    assert "not a complete archive" in messages["a zip signature, then zeros"]
+    assert "1.0 GiB of memory" in messages["a header announcing the whole file"]

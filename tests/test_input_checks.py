@@ -463,3 +463,232 @@ def test_a_write_killed_midway_leaves_litter_that_the_next_write_removes(tmp_pat
     VAE(TINY, seed=2).save(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
     assert all(bool(torch.isfinite(p).all()) for p in VAE.load(path).parameters())
+
+
+# --------------------------------------------------------------------------- issue 24: raw errors
+
+EVALUATE = dict(num_samples=4, ks=(1,))
+
+
+def normal_model(x):
+    """A user's model of 4 features (its weight created on first use)."""
+    weight = pyro.param("weight", torch.zeros(1, 4))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+        pyro.sample("x", dist.Normal(z @ weight, 1.0).to_event(1), obs=x)
+
+
+def normal_guide(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 1), 1.0).to_event(1))
+
+
+def users_model() -> LatentVariableModel:
+    model = LatentVariableModel(normal_model, normal_guide)
+    model.elbo(torch.zeros(2, 4))  # creates the parameters, as a first fit would
+    return model
+
+
+@pytest.mark.parametrize(
+    ("kind", "match"),
+    [("sparse", r"data.* is a sparse_coo tensor; pass a dense one"), ("meta", r"'meta' device")],
+)
+def test_sparse_and_meta_tensors_are_refused_as_data(kind, match):
+    """Before: NotImplementedError "Could not run 'aten::ne.Scalar' with arguments from the
+    'SparseCPU' backend ..." and "Tensor.item() cannot be called on meta tensors"."""
+    from pyrovae.evaluation.importance import evaluate
+
+    def data(rows: int = 64):
+        x = binary(rows)
+        return x.to_sparse() if kind == "sparse" else torch.empty(x.shape, device="meta")
+
+    vae, users = build(), users_model()
+    refused(vae, lambda: vae.fit(data(), **OPTIONS), TypeError, match)
+    refused(vae, lambda: vae.elbo(data()), TypeError, match)
+    refused(vae, lambda: vae.evaluate(data(), **EVALUATE), TypeError, match)
+    refused(vae, lambda: evaluate(vae.model, vae.guide, data(), **EVALUATE), TypeError, match)
+    refused(users, lambda: users.evaluate(data(), **EVALUATE), TypeError, match)
+
+
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (torch.full((3, 4), float("nan")), r"data argument 0 contains NaN .*3 entries|12 entries"),
+        (torch.empty(0, 4), r"data argument 0 is empty: it has no data points"),
+    ],
+)
+def test_nan_or_empty_data_are_refused_by_evaluate_before_it_seeds(x, match):
+    """Before: a multi-line Pyro support error for NaN, ``ZeroDivisionError: size cannot be
+    zero`` for no rows; and the seed was set first."""
+    from pyrovae.evaluation.importance import evaluate
+
+    vae = build()
+    refused(vae, lambda: evaluate(vae.model, vae.guide, x, seed=3, **EVALUATE), match=match)
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((8, 4, 2), r"observed site 'x' has a Normal distribution of batch shape \(8,\) and "),
+        ((8, 5), r"event shape \(4,\), which its value of shape \(8, 5\) does not fit"),
+    ],
+)
+def test_data_of_the_wrong_shape_for_a_users_model_are_refused_in_one_line(shape, match):
+    """Before: ``RuntimeError: mat1 and mat2 shapes cannot be multiplied`` with Pyro's trace
+    shapes appended, raised from the guide."""
+    model = users_model()
+    error = refused(model, lambda: model.evaluate(torch.zeros(shape), **EVALUATE), match=match)
+    assert "\n" not in str(error)
+    refused(model, lambda: model.elbo(torch.zeros(shape)), match=match)
+
+
+def test_a_users_model_failing_on_the_data_says_so_in_one_line():
+    def model(x):  # autoregressive: x itself enters the location
+        weight = pyro.param("weight", torch.zeros(4, 4))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+            pyro.sample("x", dist.Normal(z + x @ weight, 1.0).to_event(1), obs=x)
+
+    users = LatentVariableModel(model, normal_guide)
+    users.elbo(torch.zeros(2, 4))
+    error = refused(
+        users,
+        lambda: users.elbo(torch.zeros(6, 5)),
+        match=r"the model fails on data of shape \(6, 5\) \(mat1 and mat2 shapes cannot be",
+    )
+    assert "\n" not in str(error)
+
+
+def test_decode_refuses_codes_of_the_wrong_latent_width():
+    """Before: ``RuntimeError: mat1 and mat2 shapes cannot be multiplied (3x5 and 1x3)``."""
+    vae = build()
+    width = r"z must have shape \(num_points, 1\)"
+    refused(vae, lambda: vae.decode(torch.zeros(3, 5)), match=width)
+    refused(vae, lambda: vae.decode(torch.full((3, 1), float("nan"))), match="z contains NaN")
+    assert vae.decode(np.zeros((3, 1))).shape == (3, 4)
+    conditional = VAE(num_features=4, latent_dim=1, hidden_sizes=(3,), condition_dim=2, seed=0)
+    refused(
+        conditional,
+        lambda: conditional.decode(torch.zeros(3, 1), condition=torch.zeros(3, 5)),
+        match=r"condition must have shape \(3, 2\) \(one row per point\) or \(2,\)",
+    )
+    assert conditional.decode(torch.zeros(3, 1), condition=torch.zeros(2)).shape == (3, 4)
+
+
+def test_an_unknown_device_name_is_refused_by_load(tmp_path):
+    """Before: torch's RuntimeError listing every device type it knows."""
+    path = build().save(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"unknown device 'banana': use 'auto', 'cpu'"):
+        VAE.load(path, device="banana")
+
+
+@pytest.mark.parametrize("sizes", [None, "256", 256, {256}])
+def test_hidden_sizes_that_are_not_a_sequence_are_refused_by_name(sizes):
+    """Before: ``'NoneType' object is not iterable``, or '256' taken as sizes 2, 5, 6."""
+    with pytest.raises(ValueError, match=r"hidden_sizes must be a sequence of integers"):
+        VAE(num_features=4, hidden_sizes=sizes)
+    assert VAE(num_features=4, hidden_sizes=np.array([3]), seed=0).config.hidden_sizes == (3,)
+    assert VAE(num_features=4, hidden_sizes=[], seed=0).config.hidden_sizes == ()
+
+
+def test_an_elbo_that_overflows_is_refused_not_returned_as_nan():
+    """Before: ``VAE(likelihood='normal').elbo`` of data at 1e38 (finite in float32)
+    returned NaN without a word."""
+    vae = VAE(num_features=4, latent_dim=1, hidden_sizes=(3,), likelihood="normal", seed=0)
+    x = torch.full((2, 4), 1e38)
+    refused(vae, lambda: vae.elbo(x), match=r"the ELBO is nan for 2 of 2 data points .*1e\+38")
+    assert bool(torch.isfinite(vae.elbo(torch.ones(2, 4))).all())
+
+
+def test_max_pairs_none_is_refused_before_the_rng_moves():
+    """Before: ``vae.evaluate(x, max_pairs=None)`` drew the block seed from torch's RNG,
+    then refused; ``vae.elbo(x, max_pairs=None)`` failed with a TypeError."""
+    vae, users, x = build(), users_model(), binary(8)
+    match = "max_pairs must be a positive integer, got None"
+    refused(vae, lambda: vae.evaluate(x, max_pairs=None, **EVALUATE), match=match)
+    refused(vae, lambda: vae.elbo(x, max_pairs=None), match=match)
+    x = torch.zeros(8, 4)
+    refused(users, lambda: users.evaluate(x, max_pairs=None, **EVALUATE), match=match)
+
+
+def test_a_data_scale_far_from_unity_is_named_when_training_fails():
+    """Before: ``fit(digits * 1e6)`` advised a rollback and a lower learning rate."""
+    vae = VAE(num_features=4, latent_dim=1, hidden_sizes=(3,), likelihood="normal", seed=0)
+    with pytest.raises(NonFiniteTrainingError) as caught:
+        vae.fit(binary() * 1e30, **OPTIONS)
+    message = str(caught.value)
+    assert "The training data reach |x| = 1e+30" in message
+    assert "rescale them" in message and "on_nonfinite" not in message
+    vae = VAE(num_features=4, latent_dim=1, hidden_sizes=(3,), likelihood="normal", seed=0)
+    with pytest.raises(NonFiniteTrainingError, match="on_nonfinite='rollback'") as caught:
+        vae.fit(binary(), learning_rate=1e30, **OPTIONS)
+    assert "rescale" not in str(caught.value)
+
+
+def test_load_names_a_latent_variable_model_file_for_what_it_is(tmp_path):
+    """Before: ``does not hold a compatible VAE: 'NoneType' object is not iterable``."""
+    path = users_model().save(tmp_path / "users.pt")
+    with pytest.raises(CheckpointError, match=r"LatentVariableModel.load\(path, model, guide\)"):
+        VAE.load(path)
+
+
+def malformed_optimizer_states(state: dict):
+    """(what is wrong, optimizer state) pairs, each from a real Adam state."""
+    import copy
+
+    def changed(change):
+        broken = copy.deepcopy(state)
+        change(broken)
+        return broken
+
+    first = min(state["state"])
+    yield "moment shape", changed(
+        lambda s: s["state"][first].update(exp_avg=torch.zeros(7))
+    )
+    yield "parameter count", changed(lambda s: s["param_groups"][0]["params"].pop())
+    yield "two groups", changed(
+        lambda s: s["param_groups"].append({**s["param_groups"][0], "params": [99]})
+    )
+    yield "no indices", changed(lambda s: s["param_groups"][0].update(params="all"))
+    yield "no learning rate", changed(lambda s: s["param_groups"][0].update(lr=float("nan")))
+    yield "stray moments", changed(lambda s: s["state"].update({99: {}}))
+
+
+def test_a_malformed_optimizer_state_is_refused_by_load_and_resume(tmp_path):
+    """Before: any of these loaded silently (and a resume failed after reseeding, or
+    trained with moments of the wrong shape)."""
+    from pyrovae.checkpoint import write_checkpoint
+
+    source = tmp_path / "run.pt"
+    build().fit(binary(), checkpoint_path=source, **OPTIONS)
+    payload = read_checkpoint(source)
+    for problem, state in malformed_optimizer_states(payload["optimizer_state"]):
+        path = write_checkpoint({**payload, "optimizer_state": state}, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=r"bad\.pt (is corrupt or invalid|does not)"):
+            VAE.load(path)
+        vae = build()
+        refused(
+            vae,
+            lambda path=path: vae.fit(
+                binary(), checkpoint_path=path, resume=True, **{**OPTIONS, "epochs": 2}
+            ),
+            CheckpointError,
+            match=r"bad\.pt",
+        )
+
+
+def test_string_or_non_binary_arrays_in_a_binarized_mnist_archive_are_refused(tmp_path):
+    """Before: strings such as '1' were converted silently and training exited 0; 2.5 was
+    accepted as a binary pixel."""
+    from pyrovae.data import load_binarized_mnist
+
+    for values, match in [
+        (np.full((3, 784), "1"), r"array 'train' holds strings of dtype <U1, not numbers"),
+        (np.full((3, 784), 2.5), r"values other than 0 and 1 \(2352 entries, first at \(0, 0\)"),
+    ]:
+        np.savez(tmp_path / "binarized_mnist.npz", train=values, valid=values, test=values)
+        with pytest.raises(ValueError, match=match):
+            load_binarized_mnist(tmp_path, download=False)
+    ones = np.ones((3, 784), np.uint8)
+    np.savez(tmp_path / "binarized_mnist.npz", train=ones, valid=ones, test=ones)
+    assert load_binarized_mnist(tmp_path, download=False).train.shape == (3, 784)

@@ -64,6 +64,7 @@ from pyrovae.evaluation.traces import (
 )
 from pyrovae.models.modes import evaluates
 from pyrovae.randomness import derived_seed
+from pyrovae.validation import check_data_tensors, sampling_options
 
 KHAT_THRESHOLD = 0.7
 """Pareto k-hat above which an importance-sampled estimate is unreliable."""
@@ -436,15 +437,16 @@ def evaluate(
     -------
     EvaluationResult
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples (K) must be a positive integer, got {num_samples!r}")
+    checked = sampling_options(dict(num_samples=num_samples, max_pairs=max_pairs, seed=seed))
+    num_samples, max_pairs, seed = (checked[k] for k in ("num_samples", "max_pairs", "seed"))
     ks, dropped_ks = _check_ks(ks, num_samples, drop_large_ks)
-    if seed is not None:
+    data_kwargs = check_data_kwargs(args, kwargs, data_kwargs)
+    length = _batched_length(args, kwargs, data_kwargs)
+    check_data_tensors(per_point_tensors(args, kwargs, length, data_kwargs))
+    if seed is not None:  # every check above comes before any random state changes
         pyro.set_rng_seed(seed)
     parallel = active_context()
     base_seed = _base_seed(seed, parallel)
-    data_kwargs = check_data_kwargs(args, kwargs, data_kwargs)
-    length = _batched_length(args, kwargs, data_kwargs)
     probe_args, probe_kwargs = _slice_arguments(args, kwargs, length, slice(0, 1), data_kwargs)
     structure = check_structure(
         model, guide, *args, data_plate=data_plate, data_kwargs=data_kwargs, probe_rows=1, **kwargs

@@ -1,5 +1,6 @@
 """Base class for Pyro model and guide modules whose parameters stay local to the module,
-and the handler that makes such parameters visible to :class:`pyro.infer.SVI`."""
+the handler that makes such parameters visible to :class:`pyro.infer.SVI`, and the name of
+the plate over data points that the built-in models and guides share."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import pyro
 import torch
 from pyro.nn import PyroModule
 from pyro.poutine.messenger import Messenger
+
+DATA_PLATE = "data"
+"""Name of the plate over data points, shared by the built-in models and guides."""
 
 
 def is_param_store_statement(msg: dict) -> bool:

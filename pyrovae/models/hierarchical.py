@@ -13,8 +13,7 @@ import torch
 
 from pyrovae.config import VAEConfig
 from pyrovae.likelihoods import make_likelihood
-from pyrovae.models.base import LocalParamsModule
-from pyrovae.models.vae import DATA_PLATE
+from pyrovae.models.base import DATA_PLATE, LocalParamsModule
 from pyrovae.networks import MLP
 from pyrovae.posteriors import DiagonalGaussian
 from pyrovae.priors import StandardNormalPrior

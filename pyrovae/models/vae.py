@@ -8,14 +8,16 @@ from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
+import pyro.util
 import torch
 from torch import nn
 
-from pyrovae.checkpoint import CheckpointError, read_checkpoint
+from pyrovae.checkpoint import CheckpointError, check_optimizer_state, read_checkpoint
 from pyrovae.config import TrainConfig, VAEConfig
 from pyrovae.data import threshold
 from pyrovae.likelihoods import make_likelihood
-from pyrovae.models.base import LocalParamsModule
+from pyrovae.models.base import DATA_PLATE, LocalParamsModule
+from pyrovae.models.hierarchical import TwoLayerGuide, TwoLayerModel
 from pyrovae.models.latent_variable import LatentVariableModel
 from pyrovae.networks import MLP, ConvDecoder, ConvEncoder
 from pyrovae.objectives import ANALYTIC_KL_OBJECTIVES
@@ -23,10 +25,14 @@ from pyrovae.posteriors import POSTERIORS, Posterior, posterior_moments
 from pyrovae.priors import PRIORS, MixturePrior, Prior, VampPrior
 from pyrovae.randomness import check_seed
 from pyrovae.training import resolve_device
-from pyrovae.validation import check_data, positive_int
-
-DATA_PLATE = "data"
-"""Name of the plate over data points, shared by the model and the guide."""
+from pyrovae.validation import (
+    as_data_tensor,
+    cast_checked,
+    check_data,
+    check_dense,
+    check_finite,
+    positive_int,
+)
 
 
 def join_condition(tensor: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
@@ -142,8 +148,6 @@ class VAEGuide(LocalParamsModule):
 def build_model_and_guide(config: VAEConfig) -> tuple[LocalParamsModule, LocalParamsModule]:
     """The Pyro model and guide a :class:`VAEConfig` describes."""
     if config.top_latent_dim is not None:
-        from pyrovae.models.hierarchical import TwoLayerGuide, TwoLayerModel
-
         return TwoLayerModel(config), TwoLayerGuide(config)
     guide = VAEGuide(config)
     return VAEModel(config, guide.encoder), guide
@@ -261,12 +265,33 @@ class VAE(LatentVariableModel):
         return data, condition.to(data)
 
     def _condition(self, condition, rows: int) -> torch.Tensor | None:
+        """The condition y for ``rows`` points: one row for all, or one row each."""
         if condition is None:
             return None
-        condition = torch.as_tensor(
-            condition, device=self.device, dtype=next(self.parameters()).dtype
-        )
-        return condition.expand(rows, self.config.condition_dim)
+        width = self.config.condition_dim
+        tensor = check_dense(as_data_tensor(condition, "condition"), "condition")
+        if tuple(tensor.shape) not in {(width,), (1, width), (rows, width)}:
+            raise ValueError(
+                f"condition must have shape ({rows}, {width}) (one row per point) or "
+                f"({width},) (one for all), got {tuple(tensor.shape)}"
+            )
+        return self._model_tensor(tensor, "condition").expand(rows, width)
+
+    def _latent_codes(self, z) -> torch.Tensor:
+        """z checked to be (N, L) with L the model's latent width, finite, on its device."""
+        width = self.config.latent_dim
+        tensor = check_dense(as_data_tensor(z, "z"), "z")
+        if tensor.dim() != 2 or tensor.shape[1] != width or tensor.shape[0] == 0:
+            raise ValueError(
+                f"z must have shape (num_points, {width}), one row of the model's {width} "
+                f"latent dimensions per point; got shape {tuple(tensor.shape)}"
+            )
+        return self._model_tensor(tensor, "z")
+
+    def _model_tensor(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """``tensor`` (finite) in the model's dtype, on its device."""
+        dtype = next(self.parameters()).dtype
+        return cast_checked(check_finite(tensor, name), dtype, name).to(self.device)
 
     @torch.no_grad()
     def encode(self, x, condition=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,8 +301,9 @@ class VAE(LatentVariableModel):
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, condition=None) -> torch.Tensor:
-        """Expected observation E[x|z] (pixel probabilities for Bernoulli), shape (N, D)."""
-        z = torch.as_tensor(z, device=self.device, dtype=next(self.parameters()).dtype)
+        """Expected observation E[x|z] (pixel probabilities for Bernoulli), shape (N, D), for
+        latent codes z of shape (N, L)."""
+        z = self._latent_codes(z)
         return self.model.decode(z, self._condition(condition, z.shape[0]))
 
     @torch.no_grad()
@@ -333,7 +359,30 @@ class VAE(LatentVariableModel):
         max_pairs : int
             Memory bound: most (draw, data point) pairs evaluated at once.
         """
-        return self.elbo_of(self.inputs(x, condition), num_samples, analytic_kl, seed, max_pairs)
+        inputs = self.inputs(x, condition)
+        state = pyro.util.get_rng_state()
+        values = self.elbo_of(inputs, num_samples, analytic_kl, seed, max_pairs)
+        try:
+            return self._finite_bound(values, inputs[0])
+        except ValueError:
+            pyro.util.set_rng_state(state)  # a refused call leaves the random streams alone
+            raise
+
+    def _finite_bound(self, values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``values`` (per-datapoint bounds), or ``ValueError`` where one is NaN or
+        infinite: the ELBO of finite data under this model is finite, so such a value means
+        the network's arithmetic overflowed (data far from the scale it works at)."""
+        bad = ~torch.isfinite(values)
+        if not bool(bad.any()):
+            return values
+        first = int(bad.nonzero()[0])
+        largest = float(x[first].abs().max())
+        raise ValueError(
+            f"the ELBO is {float(values[first])} for {int(bad.sum())} of {len(values)} data "
+            f"points (first: point {first}, largest |x| there {largest:.3g}): the model's "
+            f"{str(x.dtype).removeprefix('torch.')} arithmetic overflows on data this large; "
+            "rescale the data (e.g. to unit variance) before fitting and evaluating"
+        )
 
     def evaluate(
         self,
@@ -383,11 +432,16 @@ class VAE(LatentVariableModel):
         return {**payload, "config": self.config.to_dict()}
 
     def check_resumable(self, payload: dict, path) -> None:
+        """Raise unless ``payload`` holds this architecture and an optimizer state that fits
+        its parameters."""
+        if payload.get("config") is None:
+            raise ValueError(f"cannot resume: {path} does not hold a built-in VAE")
         if VAEConfig.from_dict(payload["config"]) != self.config:
             raise ValueError(
                 f"cannot resume: the model in {path} has config {payload['config']}, "
                 f"not {self.config.to_dict()}"
             )
+        check_optimizer_state(payload.get("optimizer_state"), self.parameters(), path)
 
     @classmethod
     def load(  # type: ignore[override]
@@ -396,12 +450,23 @@ class VAE(LatentVariableModel):
         """Load a model saved by :meth:`save`; never executes code from the file. The
         optimizer and resume state come along: saving it again writes them back. NaN or
         infinite parameters are refused unless ``allow_nonfinite``."""
-        device = resolve_device(device)
+        try:
+            device = resolve_device(device)
+        except RuntimeError:  # a name torch does not know
+            raise ValueError(
+                f"unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+            ) from None
         payload = read_checkpoint(path, device=device, allow_nonfinite=allow_nonfinite)
+        if "config" in payload and payload["config"] is None:  # as LatentVariableModel saves
+            raise CheckpointError(
+                f"{path} holds a model built from your own Pyro code (LatentVariableModel), "
+                "not a built-in VAE: load it with LatentVariableModel.load(path, model, guide)"
+            )
         try:
             vae = cls(VAEConfig.from_dict(payload["config"]))
             vae.load_state_dict(payload["model_state"])
             vae.restore_records(payload)
         except (KeyError, TypeError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{path} does not hold a compatible VAE: {error}") from error
+        check_optimizer_state(vae.saved_optimizer_state_, vae.parameters(), path)
         return vae.to(device)
