@@ -67,7 +67,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``"auto"`` gives CUDA when available, else CPU; other names are checked and returned."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)  # RuntimeError for a name torch does not know
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as error:  # a name torch does not know
+        raise ValueError(
+            f"unknown device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from error
     if device.type not in ("cpu", "cuda"):  # e.g. 'meta' would discard every parameter value
         raise ValueError(f"unsupported device {name!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -268,3 +268,15 @@ def test_old_file_refuses_a_mismatch_at_first_use_and_after(saved, tmp_path, var
     for _ in range(2):
         with pytest.raises(CheckpointError, match=message):
             again.elbo(x)
+
+
+def test_loading_onto_an_unknown_device_is_one_clear_error(tmp_path):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    with pytest.raises(ValueError, match="unknown device 'banana'"):
+        LatentVariableModel.load(tmp_path / "missing.pt", model, guide, device="banana")
