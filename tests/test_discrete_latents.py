@@ -186,13 +186,35 @@ def test_discrete_sites_that_cannot_be_enumerated_here_are_refused(float64):
     with pytest.raises(ValueError, match="'k' is discrete.*no finite support"):
         check_structure(counts, nothing, x)
 
+
+
+def test_a_guide_that_samples_a_discrete_site_is_evaluated_and_refused_by_ais(float64):
+    """Sampled from the guide, the site is importance-sampled (a valid proposal; Pyro's
+    Trace_ELBO trains it with a score function); AIS, which moves z by HMC, refuses it."""
+    from pyrovae.evaluation.ais import ais
+
+    torch.manual_seed(5)
+    x = torch.randn(30, 2) + 0.5
+
     def bernoulli_model(x):
         with pyro.plate("data", x.shape[0]):
             k = pyro.sample("k", dist.Bernoulli(0.5))
             pyro.sample("x", dist.Normal(k[..., None], 1.0).to_event(1), obs=x)
 
-    with pytest.raises(ValueError, match="guide samples the discrete site 'k'"):
-        evaluate(bernoulli_model, sampled, x, num_samples=4, ks=(1,))
+    def sampled(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("k", dist.Bernoulli(0.5))
+
+    result = evaluate(bernoulli_model, sampled, x, num_samples=400, ks=(1,), seed=0,
+                      latent_diagnostics=False)
+    normal = dist.Normal(0.0, 1.0)
+    exact = torch.logsumexp(
+        torch.stack([normal.log_prob(x).sum(-1), normal.log_prob(x - 1).sum(-1)]), 0
+    ) - math.log(2)
+    within_standard_errors(result.per_datapoint["log_px"], result.per_datapoint["log_px_se"],
+                           exact)
+    with pytest.raises(ValueError, match="guide samples the discrete site\\(s\\) 'k'"):
+        ais(bernoulli_model, sampled, x, num_steps=2, num_chains=2)
 
 
 def test_eager_training_sums_the_discrete_site_out_instead_of_sampling_it(float64, recwarn):

@@ -803,6 +803,13 @@ def _make_plan(model, guide, args, kwargs, options: dict) -> _Plan:
     structure = check_structure(
         model, reference, *args, data_plate=options["data_plate"], probe_rows=1, **kwargs
     )
+    if structure.guided_discrete:
+        names = ", ".join(map(repr, structure.guided_discrete))
+        raise ValueError(
+            f"the guide samples the discrete site(s) {names}: AIS moves continuous latent "
+            "variables with HMC. Leave them out of the guide: AIS then sums them out exactly "
+            "(enumeration) inside log p(x, z)"
+        )
     nesting = structure.max_plate_nesting
     return _Plan(
         model,

@@ -124,10 +124,16 @@ class ModelStructure:
     def latent_sites(self) -> list[SiteStructure]:
         return [s for s in self.sites.values() if not s.observed]
 
+    guided_discrete: list = field(default_factory=list)
+    """Discrete latent sites the guide samples (score-function territory: evaluation and
+    Pyro's Trace_ELBO take them; reparameterized objectives and AIS refuse them)."""
+
     @property
     def discrete_sites(self) -> list[str]:
-        """Discrete latent sites, summed out by enumeration."""
-        return [s.name for s in self.latent_sites if s.discrete]
+        """Discrete latent sites summed out by enumeration (those the guide does not sample)."""
+        return [
+            s.name for s in self.latent_sites if s.discrete and s.name not in self.guided_discrete
+        ]
 
     @property
     def per_point_scales(self) -> dict[str, tuple]:
@@ -199,6 +205,10 @@ def check_structure(
         data_dim = _data_plate_dim(model_trace, data_plate)
         _check_guide(sites, guide_trace, data_plate, data_dim)
         structure = ModelStructure(data_plate, data_dim, max_plate_nesting, True, sites)
+        guided = _sample_sites(guide_trace)
+        structure.guided_discrete = [
+            s.name for s in structure.latent_sites if s.discrete and s.name in guided
+        ]
         _check_enumeration(model, guide, args, kwargs, structure)
         structure.why_sequential = _particle_problem(model, guide, args, kwargs, structure)
     structure.vectorized = structure.why_sequential is None
@@ -348,11 +358,10 @@ def _check_sites(sites: dict[str, SiteStructure], data_plate: str) -> None:
                 "training would count its KL once per minibatch. Make it a parameter "
                 "(pyro.param), or move it inside the plate as one variable per data point"
             )
-        if site.discrete:
-            _check_enumerable(site)
+        # A discrete site is enumerated unless the guide samples it (see _check_guide).
 
 
-def _check_enumerable(site: SiteStructure) -> None:
+def check_enumerable(site: SiteStructure) -> None:
     """A discrete latent site is summed out exactly when it can be enumerated in parallel,
     one variable per data point (directly in the data plate)."""
     problem = None
@@ -379,16 +388,10 @@ def _check_enumerable(site: SiteStructure) -> None:
 def _check_guide(sites: dict, guide_trace, data_plate: str, data_dim: int) -> None:
     guide_sites = _sample_sites(guide_trace)
     for site in sites.values():
+        if site.discrete and site.name not in guide_sites:
+            check_enumerable(site)  # summed out by enumeration
         if site.observed or site.name not in guide_sites:
             continue  # a missing guide site is named by the traces' own check
-        if site.discrete:
-            raise ValueError(
-                f"the guide samples the discrete site {site.name!r} ({site.family}): the "
-                "estimators here need reparameterized guide sites, and sum discrete sites out "
-                "exactly in the model instead. Leave it out of the guide (AmortizedGuide does) "
-                "and it is enumerated; a sampled discrete guide needs score-function gradients "
-                "(Pyro's TraceGraph_ELBO)"
-            )
         guide_site = guide_sites[site.name]
         _check_shapes(site, guide_site)
         _check_masks(site, guide_site)
@@ -481,7 +484,7 @@ def _mask_words(mask: torch.Tensor | None) -> str:
 def _check_enumeration(model, guide, args, kwargs, structure: ModelStructure) -> None:
     """Refuse, naming the sites, a model whose code does not run with its discrete sites
     enumerated (each gets a dimension of its own, left of the plates)."""
-    discrete = [s.name for s in structure.latent_sites if s.discrete]
+    discrete = structure.discrete_sites
     if not discrete:
         return
     try:

@@ -155,7 +155,7 @@ def _site_log_prob(site: dict) -> torch.Tensor:
 def _closed_form_kl(guide_site: dict, model_site: dict) -> torch.Tensor | None:
     try:
         kl = kl_divergence(guide_site["fn"], model_site["fn"])
-    except NotImplementedError:
+    except (NotImplementedError, IndexError, RuntimeError):  # no closed form for these shapes
         return None
     return None if is_identically_zero(kl) else kl
 

@@ -40,7 +40,12 @@ from pyro import poutine
 from torch import nn
 from torch.distributions import biject_to
 
-from pyrovae.evaluation.structure import check_model_sites, own_scale, private_randomness
+from pyrovae.evaluation.structure import (
+    check_enumerable,
+    check_model_sites,
+    own_scale,
+    private_randomness,
+)
 from pyrovae.models.base import LocalParamsModule
 from pyrovae.networks import MLP, positive_scale
 
@@ -93,7 +98,9 @@ def latent_sites(model: Callable, args: tuple, kwargs: dict, data_plate: str) ->
     sites, latent = [], 0
     for structure in check_model_sites(trace, data_plate):
         latent += not structure.observed
-        if structure.observed or structure.discrete:  # discrete: enumerated in the model
+        if structure.discrete:  # summed out by enumeration in the model: no head
+            check_enumerable(structure)
+        if structure.observed or structure.discrete:
             continue
         for name, (dim, size) in structure.inner_plates.items():
             if structure.subsampled.get(name):
