@@ -1,0 +1,64 @@
+"""``pyrovae sample``: an image grid of draws from the prior."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from pyrovae.cli.common import (
+    CLIError,
+    Output,
+    check_image_model,
+    model_file,
+    one_hot,
+    apply_threads,
+    check_out,
+    image_kind,
+    output_paths,
+    write_out,
+)
+from pyrovae.cli.parser import SAMPLE_DEFAULT_FORMATS
+
+
+def _sample_condition(vae, num: int, label: int | None) -> torch.Tensor | None:
+    width = vae.config.condition_dim
+    if not width:
+        if label is not None:
+            raise CLIError("--label applies to conditional models; this model is not one")
+        return None
+    if label is not None and not 0 <= label < width:
+        raise CLIError(f"--label {label} is not a class of this model (0 to {width - 1})")
+    classes = torch.full((num,), label) if label is not None else torch.arange(num) % width
+    return one_hot(classes, width)
+
+
+
+
+def run_sample(args: argparse.Namespace, explicit: set, out: Output) -> int:
+    from pyrovae import VAE
+    from pyrovae.plots import image_grid_writer
+
+    model_path = model_file(args.model)
+    paths = output_paths(args.out, args.formats, SAMPLE_DEFAULT_FORMATS)
+    for path in paths:
+        check_out(path, image_kind(path), [model_path])
+    vae = VAE.load(model_path)
+    check_image_model(vae, "pyrovae sample")
+    apply_threads(args, vae, out)
+    condition = _sample_condition(vae, args.num, args.label)
+    means, observations = vae.sample(args.num, seed=args.seed, condition=condition)
+    images = means if args.kind == "mean" else observations
+    written = [
+        write_out(
+            path,
+            image_grid_writer(images, vae.config.image_shape, image_kind(path)),
+            image_kind(path),
+            None,
+            "samples",
+            [model_path],
+        )
+        for path in paths
+    ]
+    out.summary("wrote " + ", ".join(w.describe() for w in written))
+    return 0
