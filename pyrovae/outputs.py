@@ -169,6 +169,8 @@ def write_file(
         The write failed (disk full, no permission, ...); the message names the file and
         says the previous file, if any, is unchanged; no temporary file is left.
     """
+    from pyrovae.checkpoint import _current_umask, _sync_directory, remove_stale_temporaries
+
     real = check_output(path, kind, inputs, option)
     try:
         previous = os.stat(real)
@@ -177,7 +179,7 @@ def write_file(
     temporary = None
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale(real)
+        remove_stale_temporaries(real)
         descriptor, temporary = tempfile.mkstemp(
             dir=real.parent, prefix=f".{real.name}.writer-{os.getpid()}.", suffix=".tmp"
         )
@@ -190,7 +192,7 @@ def write_file(
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        mode = stat.S_IMODE(previous.st_mode) if previous else 0o666 & ~_umask()
+        mode = stat.S_IMODE(previous.st_mode) if previous else 0o666 & ~_current_umask()
         os.chmod(temporary, mode)  # mkstemp creates files as 0600
         os.replace(temporary, real)
     except OSError as error:
@@ -210,30 +212,7 @@ def write_text(path, text: str, kind: str = "text", inputs=(), option: str = "ou
     return write_file(path, lambda handle: handle.write(text), kind, inputs, option)
 
 
-def _remove_stale(path: Path) -> None:
-    from pyrovae.checkpoint import remove_stale_temporaries
-
-    remove_stale_temporaries(path)
-
-
 def _unlink(path) -> None:
     if path is not None:
         with contextlib.suppress(OSError):
             os.unlink(path)
-
-
-def _sync_directory(directory: Path) -> None:
-    """Make the rename durable (best effort: not every system can fsync a directory)."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    with contextlib.suppress(OSError):
-        os.fsync(descriptor)
-    os.close(descriptor)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -388,6 +388,23 @@ def image_kind(path: Path) -> str:
     return path.suffix.lower().lstrip(".")
 
 
+def image_paths(args: argparse.Namespace, default_formats, model_path: Path) -> list[Path]:
+    """The image files ``--out`` and ``--formats`` name, checked before any work."""
+    paths = output_paths(args.out, args.formats, default_formats)
+    for path in paths:
+        check_out(path, image_kind(path), [model_path])
+    return paths
+
+
+def write_images(paths: list[Path], writer_for, out: Output, model_path: Path) -> None:
+    """Write each path with ``writer_for(format)`` through the guarded writer; one line."""
+    written = [
+        write_out(path, writer_for(image_kind(path)), image_kind(path), None, "", [model_path])
+        for path in paths
+    ]
+    out.summary("wrote " + ", ".join(w.describe() for w in written))
+
+
 def apply_threads(args: argparse.Namespace, vae, out: Output) -> None:
     """Set torch's threads for the command: --threads when given, else OMP_NUM_THREADS when
     set, else :func:`pyrovae.training.default_threads` of the model's size; say which."""

@@ -127,8 +127,60 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.HelpFormatter(prog, max_help_position=30, width=width)
 
 
-def command_parser(commands, name: str, track: bool, help: str, description: str) -> Arguments:
-    """A subcommand's parser, wrapped in :class:`Arguments`."""
+COMMAND_TEXTS = {  # command: (help in the command list, description in its --help)
+    "train": (
+        "fit a VAE by SVI",
+        "Fit a VAE by stochastic variational inference and write OUT/model.pt "
+        "(config, parameters, optimizer, history and resumable training state), "
+        "OUT/history.jsonl and OUT/history.csv. ELBOs are in nats per data point (higher is "
+        "better). With --resume, options not given keep the values the run was written with.",
+    ),
+    "evaluate": (
+        "log p(x) per data point by importance sampling (with ELBOs and IWAE bounds) "
+        "or by annealed importance sampling",
+        "Importance-sampled log p(x), Monte Carlo and analytic-KL ELBOs and IWAE_k "
+        "bounds of a saved model, in nats per data point (higher is better), with their "
+        "standard errors and diagnostics (ESS, Pareto k-hat, active units). --method ais "
+        "estimates log p(x) by annealed importance sampling instead (a stochastic lower bound "
+        "in expectation, tighter as --ais-steps grows); --bdmc adds a bidirectional Monte "
+        "Carlo sandwich on simulated data that tells whether the steps are enough.",
+    ),
+    "compare": (
+        "paired comparison of saved models on the same data points",
+        "Score two or more saved models on the same data points (prepared as "
+        "'pyrovae evaluate' prepares them) and print them sorted by the estimate, with the "
+        "mean per-point differences and their paired standard errors (the same points for "
+        "every model, so the differences are far better determined than the means). Nats per "
+        "data point, higher is better; a positive difference favours the first model of its "
+        "row. Models of different likelihood families or conditioning score different "
+        "quantities and are refused unless --allow-different-likelihoods is given.",
+    ),
+    "gaps": (
+        "split log p(x) - ELBO into approximation and amortization gaps",
+        "Inference-gap decomposition (Cremer, Li and Duvenaud, 2018) of a saved "
+        "model on the first data points of a split: log p(x) - ELBO(encoder) = approximation "
+        "gap (log p(x) - ELBO of the best guide of the family per point) + amortization gap "
+        "(ELBO of that per-point guide - ELBO of the encoder), in nats per data point. "
+        "Supported for guides with one diagonal-Normal latent site (--guide diagonal, one "
+        "stochastic layer).",
+    ),
+    "sample": (
+        "write an image grid of samples from the prior",
+        "Draw z ~ p(z) and write a grid of decoder means E[x|z] (or of draws "
+        "x ~ p(x|z)). --out: a name ending in .png or .pdf is written as that format; "
+        "any other name gets the --formats suffixes added.",
+    ),
+    "plot": (
+        "write a figure of a saved model",
+        "Write one figure of a saved model. --out: a name ending in .png or .pdf "
+        "is written as that format only; any other name gets the --formats suffixes added.",
+    ),
+}
+
+
+def command_parser(commands, name: str, track: bool) -> Arguments:
+    """A subcommand's parser (texts from :data:`COMMAND_TEXTS`), wrapped in :class:`Arguments`."""
+    help, description = COMMAND_TEXTS[name]
     parser = commands.add_parser(
         name, help=help, description=description, formatter_class=_formatter
     )
@@ -155,8 +207,8 @@ def add_common(arguments: Arguments) -> None:
         "-v",
         "--verbose",
         action="store_true",
-        help="also print the resolved settings (and, for train, the default's one line per "
-        "epoch; for AIS one line per block); bars only on a terminal",
+        help="also print the resolved settings (train prints one line per epoch without it; "
+        "progress bars only on a terminal)",
     )
 
 
@@ -200,8 +252,8 @@ def add_device(arguments: Arguments) -> None:
     )
 
 
-def add_seed(arguments: Arguments, help: str) -> None:
-    arguments.add("--seed", type=_seed, default=0, metavar="N", help=help)
+def add_seed(arguments: Arguments, help: str, metavar: str | None = "N") -> None:
+    arguments.add("--seed", type=_seed, default=0, metavar=metavar, help=help)
 
 
 def add_image_output(arguments: Arguments, default_formats: tuple, what: str) -> None:
@@ -252,12 +304,15 @@ _OUT_HELP = {
 }
 
 
-def add_scoring(arguments: Arguments, command: str) -> Arguments:
+def add_scoring(arguments: Arguments, command: str, after_data=None, after_sampling=None):
     """The options evaluate, compare and gaps share: data, --method, --num-points, the AIS
-    options, --num-samples, --max-pairs, --seed, --device, --out and the common ones.
-    Returns the importance-sampling group (for the command's own options)."""
+    options, --num-samples, --max-pairs, --seed, --device and --out; ``after_data(arguments)``
+    and ``after_sampling(arguments, sampling_group)`` add a command's own options at those
+    places."""
     add_data(arguments, None)
     add_split(arguments, _BINARIZE_HELP[command])
+    if after_data is not None:
+        after_data(arguments)
     arguments.add("--method", choices=METHODS, default="is", help=_ESTIMATOR_HELP[command])
     arguments.add(
         "--num-points",
@@ -312,6 +367,8 @@ def add_scoring(arguments: Arguments, command: str) -> Arguments:
         metavar="K",
         help=_NUM_SAMPLES_HELP[command],
     )
+    if after_sampling is not None:
+        after_sampling(arguments, sampling)
     gaps = command == "gaps"
     arguments.add(
         "--max-pairs",
@@ -324,28 +381,12 @@ def add_scoring(arguments: Arguments, command: str) -> Arguments:
     add_seed(arguments, _SEED_HELP[command])
     add_device(arguments)
     arguments.add("--out", type=Path, metavar="FILE", help=_OUT_HELP[command])
-    return sampling
 
 
 # --------------------------------------------------------------------------- commands
 
 
-def _add_evaluate(commands, track: bool) -> None:
-    arguments = command_parser(
-        commands,
-        "evaluate",
-        track,
-        help="log p(x) per data point by importance sampling (with ELBOs and IWAE bounds) "
-        "or by annealed importance sampling",
-        description="Importance-sampled log p(x), Monte Carlo and analytic-KL ELBOs and IWAE_k "
-        "bounds of a saved model, in nats per data point (higher is better), with their "
-        "standard errors and diagnostics (ESS, Pareto k-hat, active units). --method ais "
-        "estimates log p(x) by annealed importance sampling instead (a stochastic lower bound "
-        "in expectation, tighter as --ais-steps grows); --bdmc adds a bidirectional Monte "
-        "Carlo sandwich on simulated data that tells whether the steps are enough.",
-    )
-    add_model_file(arguments)
-    sampling = add_scoring(arguments, "evaluate")
+def _add_ks(arguments: Arguments, sampling: Arguments) -> None:
     sampling.add(
         "--ks",
         type=_positive_ints,
@@ -353,30 +394,17 @@ def _add_evaluate(commands, track: bool) -> None:
         metavar="k,k,...",
         help="IWAE_k group sizes, comma-separated (those above K are skipped, with a note)",
     )
-    add_common(arguments)
 
 
-def _add_compare(commands, track: bool) -> None:
-    arguments = command_parser(
-        commands,
-        "compare",
-        track,
-        help="paired comparison of saved models on the same data points",
-        description="Score two or more saved models on the same data points (prepared as "
-        "'pyrovae evaluate' prepares them) and print them sorted by the estimate, with the "
-        "mean per-point differences and their paired standard errors (the same points for "
-        "every model, so the differences are far better determined than the means). Nats per "
-        "data point, higher is better; a positive difference favours the first model of its "
-        "row. Models of different likelihood families or conditioning score different "
-        "quantities and are refused unless --allow-different-likelihoods is given.",
-    )
-    arguments.parser.add_argument(
-        "models",
-        nargs="+",
-        type=Path,
-        metavar="MODEL",
-        help="two or more model files (or run directories), all of the same number of features",
-    )
+def _add_model_scoring(commands, track: bool, command: str, after_sampling) -> Arguments:
+    """evaluate and gaps: --model, the scoring options and the command's own option."""
+    arguments = command_parser(commands, command, track)
+    add_model_file(arguments)
+    add_scoring(arguments, command, after_sampling=after_sampling)
+    return arguments
+
+
+def _add_quantity(arguments: Arguments) -> None:
     arguments.add(
         "--quantity",
         default="log_px",
@@ -384,37 +412,37 @@ def _add_compare(commands, track: bool) -> None:
         help="compared column: log_px, or with --method is also elbo, elbo_analytic or "
         "iwae_<k> (k at most --num-samples)",
     )
-    add_scoring(arguments, "compare")
+
+
+def _add_pairs(arguments: Arguments, sampling: Arguments) -> None:
     arguments.add(
         "--pairs",
         choices=("best", "all"),
         default="best",
         help="differences shown: every model minus the best, or every pair",
     )
+
+
+def _add_compare(commands, track: bool) -> Arguments:
+    arguments = command_parser(commands, "compare", track)
+    arguments.parser.add_argument(
+        "models",
+        nargs="+",
+        type=Path,
+        metavar="MODEL",
+        help="two or more model files (or run directories), all of the same number of features",
+    )
+    add_scoring(arguments, "compare", after_data=_add_quantity, after_sampling=_add_pairs)
     arguments.add(
         "--allow-different-likelihoods",
         action="store_true",
         help="compare models of different likelihood families (e.g. Bernoulli and Normal) or "
         "conditioning (log p(x|y) and log p(x)), whose numbers measure different things",
     )
-    add_common(arguments)
+    return arguments
 
 
-def _add_gaps(commands, track: bool) -> None:
-    arguments = command_parser(
-        commands,
-        "gaps",
-        track,
-        help="split log p(x) - ELBO into approximation and amortization gaps",
-        description="Inference-gap decomposition (Cremer, Li and Duvenaud, 2018) of a saved "
-        "model on the first data points of a split: log p(x) - ELBO(encoder) = approximation "
-        "gap (log p(x) - ELBO of the best guide of the family per point) + amortization gap "
-        "(ELBO of that per-point guide - ELBO of the encoder), in nats per data point. "
-        "Supported for guides with one diagonal-Normal latent site (--guide diagonal, one "
-        "stochastic layer).",
-    )
-    add_model_file(arguments)
-    add_scoring(arguments, "gaps")
+def _add_steps(arguments: Arguments, sampling: Arguments) -> None:
     arguments.add(
         "--steps",
         type=_positive_int,
@@ -422,19 +450,12 @@ def _add_gaps(commands, track: bool) -> None:
         metavar="S",
         help="Adam steps of the per-point optimization (the output says whether it converged)",
     )
-    add_common(arguments)
 
 
-def _add_sample(commands, track: bool) -> None:
-    arguments = command_parser(
-        commands,
-        "sample",
-        track,
-        help="write an image grid of samples from the prior",
-        description="Draw z ~ p(z) and write a grid of decoder means E[x|z] (or of draws "
-        "x ~ p(x|z)). --out: a name ending in .png or .pdf is written as that format; "
-        "any other name gets the --formats suffixes added.",
-    )
+
+
+def _add_sample(commands, track: bool) -> Arguments:
+    arguments = command_parser(commands, "sample", track)
     add_model_file(arguments)
     arguments.add("--num", type=_positive_int, default=64, help="images in the grid")
     arguments.add(
@@ -448,20 +469,13 @@ def _add_sample(commands, track: bool) -> None:
         type=_label,
         help="class of every sample of a conditional model (none: the classes in turn)",
     )
-    arguments.add("--seed", type=_seed, default=0, help="seed of the draws")
+    add_seed(arguments, "seed of the draws", metavar=None)
     add_image_output(arguments, SAMPLE_DEFAULT_FORMATS, "image file")
-    add_common(arguments)
+    return arguments
 
 
-def _add_plot(commands, track: bool) -> None:
-    arguments = command_parser(
-        commands,
-        "plot",
-        track,
-        help="write a figure of a saved model",
-        description="Write one figure of a saved model. --out: a name ending in .png or .pdf "
-        "is written as that format only; any other name gets the --formats suffixes added.",
-    )
+def _add_plot(commands, track: bool) -> Arguments:
+    arguments = command_parser(commands, "plot", track)
     arguments.parser.add_argument(
         "kind",
         choices=("samples", "reconstructions", "curves", "latent", "manifold", "interpolation"),
@@ -479,14 +493,14 @@ def _add_plot(commands, track: bool) -> None:
         "interpolation pairs (4)",
         shown="per kind, in brackets",
     )
-    arguments.add("--seed", type=_seed, default=0, help="seed of draws and of the chosen pairs")
+    add_seed(arguments, "seed of draws and of the chosen pairs", metavar=None)
     arguments.add(
         "--method",
         choices=("linear", "spherical"),
         default="linear",
         help="interpolation in latent space",
     )
-    add_common(arguments)
+    return arguments
 
 
 def build_parser(track_explicit: bool = False) -> argparse.ArgumentParser:
@@ -496,10 +510,14 @@ def build_parser(track_explicit: bool = False) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="pyrovae", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_train(commands, track_explicit)
-    _add_evaluate(commands, track_explicit)
-    _add_sample(commands, track_explicit)
-    _add_plot(commands, track_explicit)
-    _add_compare(commands, track_explicit)
-    _add_gaps(commands, track_explicit)
+    adders = (
+        add_train,
+        lambda *given: _add_model_scoring(*given, "evaluate", _add_ks),
+        _add_sample,
+        _add_plot,
+        _add_compare,
+        lambda *given: _add_model_scoring(*given, "gaps", _add_steps),
+    )
+    for add in adders:
+        add_common(add(commands, track_explicit))
     return parser

@@ -11,12 +11,10 @@ from pyrovae.cli.common import (
     dataset_of,
     model_file,
     apply_threads,
-    check_out,
-    image_kind,
+    image_paths,
     load_data,
-    output_paths,
     prepare_data,
-    write_out,
+    write_images,
 )
 from pyrovae.cli.parser import PLOT_DEFAULT_FORMATS
 
@@ -48,9 +46,7 @@ def run_plot(args: argparse.Namespace, explicit: set, out: Output) -> int:
     from pyrovae.plots import DATA_FIGURE_KINDS, figure_writer, model_figure
 
     model_path = model_file(args.model)
-    paths = output_paths(args.out, args.formats, PLOT_DEFAULT_FORMATS)
-    for path in paths:
-        check_out(path, image_kind(path), [model_path])
+    paths = image_paths(args, PLOT_DEFAULT_FORMATS, model_path)
     vae = VAE.load(model_path)
     kind = args.kind
     _check_kind(kind, vae, model_path)
@@ -74,12 +70,5 @@ def run_plot(args: argparse.Namespace, explicit: set, out: Output) -> int:
                 f"points; the {args.split} split has {data.shape[0]}"
             )
     figure = model_figure(kind, vae, data, labels, num=args.num, seed=args.seed, method=args.method)
-    written = [
-        write_out(
-            path, figure_writer(figure, image_kind(path)), image_kind(path), None, "figure",
-            [model_path],
-        )  # fmt: skip
-        for path in paths
-    ]
-    out.summary("wrote " + ", ".join(w.describe() for w in written))
+    write_images(paths, lambda extension: figure_writer(figure, extension), out, model_path)
     return 0

@@ -13,10 +13,8 @@ from pyrovae.cli.common import (
     model_file,
     one_hot,
     apply_threads,
-    check_out,
-    image_kind,
-    output_paths,
-    write_out,
+    image_paths,
+    write_images,
 )
 from pyrovae.cli.parser import SAMPLE_DEFAULT_FORMATS
 
@@ -40,25 +38,13 @@ def run_sample(args: argparse.Namespace, explicit: set, out: Output) -> int:
     from pyrovae.plots import image_grid_writer
 
     model_path = model_file(args.model)
-    paths = output_paths(args.out, args.formats, SAMPLE_DEFAULT_FORMATS)
-    for path in paths:
-        check_out(path, image_kind(path), [model_path])
+    paths = image_paths(args, SAMPLE_DEFAULT_FORMATS, model_path)
     vae = VAE.load(model_path)
     check_image_model(vae, "pyrovae sample")
     apply_threads(args, vae, out)
     condition = _sample_condition(vae, args.num, args.label)
     means, observations = vae.sample(args.num, seed=args.seed, condition=condition)
     images = means if args.kind == "mean" else observations
-    written = [
-        write_out(
-            path,
-            image_grid_writer(images, vae.config.image_shape, image_kind(path)),
-            image_kind(path),
-            None,
-            "samples",
-            [model_path],
-        )
-        for path in paths
-    ]
-    out.summary("wrote " + ", ".join(w.describe() for w in written))
+    shape = vae.config.image_shape
+    write_images(paths, lambda kind: image_grid_writer(images, shape, kind), out, model_path)
     return 0

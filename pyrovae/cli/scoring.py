@@ -161,15 +161,10 @@ def _scored(vae, model_path: Path, args, default_points) -> Scored:
 
 
 def available_memory() -> int | None:
-    """Bytes of memory available (Linux MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    """Bytes of memory available on the CPU (Linux MemAvailable), or None where unknown."""
+    from pyrovae.evaluation.importance import _available_memory
+
+    return _available_memory(torch.device("cpu"))
 
 
 def _pair_bytes(vae) -> int:

@@ -26,6 +26,7 @@ from pyrovae.cli.common import (
     load_data,
     write_out,
 )
+from pyrovae.cli.train_options import MODEL_OPTIONS, RUN_OPTIONS, TRAIN_OPTIONS, destination
 from pyrovae.cli.rundir import (
     HISTORY_FILES,
     RunLock,
@@ -38,76 +39,35 @@ from pyrovae.cli.rundir import (
     set_aside,
 )
 
-_MODEL_FLAGS = {  # VAEConfig field: argparse destination
-    "likelihood": "likelihood",
-    "latent_dim": "latent_dim",
-    "hidden_sizes": "hidden",
-    "activation": "activation",
-    "network": "network",
-    "prior": "prior",
-    "prior_components": "prior_components",
-    "guide": "guide",
-    "guide_rank": "guide_rank",
-    "num_flows": "flows",
-    "top_latent_dim": "top_latent_dim",
-    "top_hidden_sizes": "top_hidden",
-}
-
-_TRAIN_FLAGS = {  # TrainConfig field: argparse destination
-    "objective": "objective",
-    "num_particles": "particles",
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "learning_rate": "lr",
-    "clip_norm": "clip_norm",
+_MODEL_FLAGS = {field: destination(flag) for flag, field, *_ in MODEL_OPTIONS}
+"""VAEConfig field: argparse destination."""
+_TRAIN_FLAGS = {
+    **{field: destination(flag) for flag, field, *_ in (*TRAIN_OPTIONS, *RUN_OPTIONS)},
     "seed": "seed",
     "device": "device",
-    "checkpoint_every": "checkpoint_every",
-    "on_nonfinite": "on_nonfinite",
-    "compile": "compile",
-    "renyi_alpha": "renyi_alpha",
-    "beta": "beta",
-    "kl_warmup_epochs": "kl_warmup_epochs",
-    "free_bits": "free_bits",
-    "lr_schedule": "lr_schedule",
-    "lr_decay": "lr_decay",
-    "lr_patience": "lr_patience",
-    "min_learning_rate": "min_lr",
 }
+"""TrainConfig field: argparse destination."""
 
-SPEC_FORMATS = (".json", ".toml", ".yaml", ".yml")
 
 
 def read_spec(path: Path) -> dict:
     """The mapping of VAEConfig fields in a spec file (``num_features`` and ``image_shape``
     may be left out: the dataset gives them)."""
+    from pyrovae.spec import FORMATS as SPEC_FORMATS
+    from pyrovae.spec import read_spec_values
+
     suffix = path.suffix.lower()
     if suffix not in SPEC_FORMATS:
         raise CLIError(f"--spec {path}: unknown format {suffix!r}; use {', '.join(SPEC_FORMATS)}")
     readable_file(path, "--spec", "pass a spec file written by pyrovae.spec.save_spec or by hand")
     try:
-        text = path.read_text()
-        if suffix == ".json":
-            values = json.loads(text)
-        elif suffix == ".toml":
-            import tomllib
-
-            values = tomllib.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, ValueError) as error:  # JSON/TOML errors are ValueErrors
+        return read_spec_values(path)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        if "mapping" in str(error):
+            raise CLIError(f"--spec {path} does not hold a mapping of VAEConfig options") from None
         raise CLIError(
             f"--spec {path} is not valid {suffix[1:]}: {one_line(str(error))}"
         ) from None
-    except Exception as error:  # yaml.YAMLError
-        raise CLIError(
-            f"--spec {path} is not valid {suffix[1:]}: {one_line(str(error))}"
-        ) from None
-    if not isinstance(values, dict):
-        raise CLIError(f"--spec {path} does not hold a mapping of VAEConfig options")
-    return values
 
 
 def _resume_payload(path: Path) -> dict:
