@@ -190,7 +190,7 @@ def command_parser(commands, name: str, track: bool) -> Arguments:
 # --------------------------------------------------------------------------- shared groups
 
 
-def add_common(arguments: Arguments) -> None:
+def add_common(arguments: Arguments, command: str) -> None:
     """--threads, --quiet and --verbose: every command."""
     common = arguments.group("output and resources")
     common.add(
@@ -207,8 +207,10 @@ def add_common(arguments: Arguments) -> None:
         "-v",
         "--verbose",
         action="store_true",
-        help="also print the resolved settings (train prints one line per epoch without it; "
-        "progress bars only on a terminal)",
+        help="also print the resolved settings; the default prints "
+        + ("one line per epoch and notes" if command == "train" else "notes such as how the "
+           "data were prepared")
+        + " (bars only on a terminal)",
     )
 
 
@@ -519,5 +521,6 @@ def build_parser(track_explicit: bool = False) -> argparse.ArgumentParser:
         lambda *given: _add_model_scoring(*given, "gaps", _add_steps),
     )
     for add in adders:
-        add_common(add(commands, track_explicit))
+        arguments = add(commands, track_explicit)
+        add_common(arguments, arguments.parser.prog.split()[-1])
     return parser
