@@ -93,8 +93,9 @@ def _model_paths(models: list[Path]) -> dict[str, Path]:
 
 
 def _check_comparable(vaes: dict, allow: bool) -> None:
-    """Refuse models whose log p(x) are not comparable (different likelihood families or
-    conditioning) unless --allow-different-likelihoods."""
+    """Refuse models whose log p(x) are not comparable unless --allow-different-likelihoods:
+    likelihoods of different supports (a probability of {0, 1} values against a density on
+    [0, 1] or the reals; Normal, Laplace and Student-t share one) or different conditioning."""
     features = {name: vae.config.num_features for name, vae in vaes.items()}
     if len(set(features.values())) > 1:
         listed = ", ".join(f"{name}: {size}" for name, size in features.items())
@@ -104,17 +105,25 @@ def _check_comparable(vaes: dict, allow: bool) -> None:
         )
     if allow:
         return
+    from pyrovae.likelihoods import LIKELIHOODS
+
     for what, value in (
-        ("likelihood families", lambda vae: vae.config.likelihood),
+        ("likelihood families", lambda vae: LIKELIHOODS[vae.config.likelihood].support),
         ("conditioning (condition_dim)", lambda vae: vae.config.condition_dim),
     ):
         values = {name: value(vae) for name, vae in vaes.items()}
         if len(set(values.values())) > 1:
-            listed = ", ".join(f"{name}: {v}" for name, v in values.items())
+            listed = ", ".join(
+                f"{name}: {vae.config.likelihood} on {values[name]}"
+                if what.startswith("likelihood")
+                else f"{name}: {values[name]}"
+                for name, vae in vaes.items()
+            )
             raise CLIError(
                 f"the models have different {what} ({listed}), so their numbers measure "
-                "different things (a density of other values, or log p(x|y) against log p(x)); "
-                "pass --allow-different-likelihoods if you know and want the comparison"
+                "different things (a probability against a density, or log p(x|y) against "
+                "log p(x)); pass --allow-different-likelihoods if you know and want the "
+                "comparison"
             )
 
 

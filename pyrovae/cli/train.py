@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -197,25 +198,16 @@ def _resolve_binarize(requested: str, likelihood: str, dataset) -> tuple[str, st
 
 def run_train(args: argparse.Namespace, explicit: set, out: Output) -> int:
     run_dir: Path = args.out
-    model_path = run_dir / MODEL_FILE
     check_device(args.device)
     check_run_dir(run_dir)
     check_not_replacing(run_dir, args.resume, args.force)
     spec = read_spec(args.spec) if getattr(args, "spec", None) is not None else None
     lock = RunLock(run_dir) if out.main else None
-    with lock if lock is not None else _no_lock():
+    with lock if lock is not None else contextlib.nullcontext():
         if lock is not None and lock.took_over:
             out.info(f"note: took over the stale lock {lock.path} of {lock.took_over}")
         check_not_replacing(run_dir, args.resume, args.force)  # again, now that we hold it
         return _train_locked(args, explicit, out, spec)
-
-
-class _no_lock:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _settings(args, explicit: set, out: Output, saved: dict | None, spec: dict | None):
