@@ -107,12 +107,24 @@ def default_threads(num_parameters: int) -> tuple[int, str]:
     return free, f"auto: the {free} of {usable} cores not busy (load {busy:.1f})"
 
 
+_chosen_threads: int | None = None
+
+
+def set_threads(count: int) -> None:
+    """``torch.set_num_threads(count)``, remembered as chosen: ``fit`` then keeps it."""
+    global _chosen_threads
+    torch.set_num_threads(count)
+    _chosen_threads = count
+
+
 @contextlib.contextmanager
 def _thread_default(vae, progress: bool):
-    """Inside ``fit``: :func:`default_threads` unless the user chose (OMP_NUM_THREADS, or
-    ``torch.set_num_threads`` to another value than torch's default); restored after."""
+    """Inside ``fit``: :func:`default_threads` unless the user chose (OMP_NUM_THREADS,
+    :func:`set_threads`, or ``torch.set_num_threads`` to another value than torch's
+    default); restored after."""
     current = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS") or current != _TORCH_DEFAULT_THREADS:
+    chosen = current == _chosen_threads or current != _TORCH_DEFAULT_THREADS
+    if os.environ.get("OMP_NUM_THREADS") or chosen:
         yield
         return
     count, reason = default_threads(sum(p.numel() for p in vae.parameters()))
@@ -167,6 +179,11 @@ def fit(
 ) -> History:
     """Fit ``vae`` (a :class:`pyrovae.models.latent_variable.LatentVariableModel`, e.g. a
     :class:`pyrovae.VAE`) and return its :class:`History`.
+
+    Threads: unless ``OMP_NUM_THREADS`` is set or torch's thread count was chosen
+    (``torch.set_num_threads`` to another value than its default, or :func:`set_threads`),
+    the fit runs with :func:`default_threads` (one thread for a model of under a million
+    parameters; a line says so when ``progress``) and restores the count afterwards.
 
     All inputs are validated, and a checkpoint to resume from is read and checked, before
     any parameter, RNG or optimizer state changes.

@@ -335,3 +335,31 @@ def test_epoch_counts_after_a_resume(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "-q"]) == 0
     assert "trained 2 epochs (epochs 2 to 3; 1 before the resume)" in capsys.readouterr().out
+
+
+def test_fit_defaults_to_one_thread_for_a_small_model_and_keeps_a_choice(
+    tmp_path, capsys, monkeypatch
+):
+    import torch
+
+    import pyrovae.training
+    from pyrovae import VAE
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(pyrovae.training, "_chosen_threads", None)
+    monkeypatch.setattr(pyrovae.training, "_TORCH_DEFAULT_THREADS", torch.get_num_threads())
+    seen, epoch = [], pyrovae.training._train_epoch
+
+    def recording(*arguments, **options):
+        seen.append(torch.get_num_threads())
+        return epoch(*arguments, **options)
+
+    monkeypatch.setattr(pyrovae.training, "_train_epoch", recording)
+    before = torch.get_num_threads()
+    VAE(num_features=4, latent_dim=1, hidden_sizes=(4,)).fit(
+        torch.ones(8, 4), None, epochs=1, batch_size=4, progress=True
+    )
+    assert "threads: 1 (auto: 1 for a model of" in capsys.readouterr().out
+    assert seen == [1] and torch.get_num_threads() == before
+    assert main(train(tmp_path / "run", "--threads", "2")) == 0  # a choice is kept in fit
+    assert seen[-1] == 2

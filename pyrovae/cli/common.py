@@ -408,17 +408,17 @@ def write_images(paths: list[Path], writer_for, out: Output, model_path: Path) -
 def apply_threads(args: argparse.Namespace, vae, out: Output) -> None:
     """Set torch's threads for the command: --threads when given, else OMP_NUM_THREADS when
     set, else :func:`pyrovae.training.default_threads` of the model's size; say which."""
-    from pyrovae.training import default_threads
+    from pyrovae.training import default_threads, set_threads
 
     if args.threads is not None:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         out.info(f"threads: {args.threads} (--threads)")
         return
     if os.environ.get("OMP_NUM_THREADS"):
         out.detail(f"threads: {torch.get_num_threads()} (OMP_NUM_THREADS; --threads N to change)")
         return
     count, reason = default_threads(sum(p.numel() for p in vae.parameters()))
-    torch.set_num_threads(count)
+    set_threads(count)
     out.info(f"threads: {count} ({reason}; --threads N to change)")
 
 def output_paths(path: Path, formats, default_formats) -> list[Path]:
