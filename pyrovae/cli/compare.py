@@ -15,15 +15,15 @@ import torch
 from pyrovae.cli.common import (
     CLIError,
     Output,
+    apply_threads,
     check_device,
+    check_out,
+    data_inputs,
     dataset_of,
     elapsed,
     labels_of,
-    model_file,
-    apply_threads,
-    check_out,
-    data_inputs,
     load_data,
+    model_file,
     prepare_data,
     write_out,
 )
@@ -31,10 +31,10 @@ from pyrovae.cli.scoring import (
     ais_options,
     ais_settings_line,
     check_method_options,
+    check_sizes,
     default_points,
     first_points,
     split_line,
-    check_sizes,
 )
 
 _QUANTITY_FORMS = ("log_px", "elbo", "elbo_analytic")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from pyrovae.cli.common import CLIError, Output, elapsed, apply_threads, write_out
+from pyrovae.cli.common import CLIError, Output, apply_threads, data_inputs, elapsed, write_out
 from pyrovae.cli.scoring import (
     ais_options,
     ais_settings_line,
     check_not_parallel,
-    default_points,
     check_sizes,
+    default_points,
     estimate_ais_time,
     load_scored,
 )
@@ -100,17 +100,19 @@ def run_evaluate(args: argparse.Namespace, explicit: set, out: Output) -> int:
     note = dropped_ks_note(args.ks, args.num_samples, result)
     if note is not None:
         out.summary(note)
-    write_results(result.per_datapoint, args, scored.path, out)
+    write_results(result.per_datapoint, args, scored, out)
     return 0
 
 
-def write_results(per_datapoint: dict, args, model_path, out: Output, what="per-datapoint results"):
-    """--out: the per-datapoint columns as CSV, through the guarded writer."""
+def write_results(per_datapoint: dict, args, scored, out: Output, what="per-datapoint results"):
+    """--out: the per-datapoint columns as CSV, through the guarded writer (never over the
+    model or data files read)."""
     if args.out is None:
         return
     from pyrovae.evaluation.importance import per_datapoint_csv_writer
 
-    write_out(args.out, per_datapoint_csv_writer(per_datapoint), "csv", out, what, [model_path])
+    inputs = [scored.path, *data_inputs(scored.name, args.data_dir)]
+    write_out(args.out, per_datapoint_csv_writer(per_datapoint), "csv", out, what, inputs)
 
 
 def _evaluate_ais(scored, args, explicit: set, out: Output) -> int:
@@ -129,7 +131,7 @@ def _evaluate_ais(scored, args, explicit: set, out: Output) -> int:
     )
     out.summary(result.table())
     out.summary(f"AIS took {elapsed(started)} for {result.num_points} data points")
-    write_results(result.per_datapoint, args, scored.path, out)
+    write_results(result.per_datapoint, args, scored, out)
     if args.bdmc:
         _run_bdmc(vae, args, explicit, out)
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from pyrovae.cli.common import CLIError, Output, elapsed, apply_threads
+from pyrovae.cli.common import CLIError, Output, apply_threads, elapsed
 from pyrovae.cli.evaluate import write_results
 from pyrovae.cli.parser import GAPS_DEFAULT_POINTS
 from pyrovae.cli.scoring import (
@@ -71,5 +71,5 @@ def run_gaps(args: argparse.Namespace, explicit: set, out: Output) -> int:
             "warning: the per-point optimization has NOT converged: the amortization gap is "
             f"understated; raise --steps (now {args.steps})"
         )
-    write_results(result.per_datapoint, args, scored.path, out, "per-datapoint gaps")
+    write_results(result.per_datapoint, args, scored, out, "per-datapoint gaps")
     return 0

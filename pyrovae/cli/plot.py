@@ -7,12 +7,12 @@ import argparse
 from pyrovae.cli.common import (
     CLIError,
     Output,
+    apply_threads,
     check_image_model,
     dataset_of,
-    model_file,
-    apply_threads,
     image_paths,
     load_data,
+    model_file,
     prepare_data,
     write_images,
 )

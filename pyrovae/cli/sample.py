@@ -9,11 +9,11 @@ import torch
 from pyrovae.cli.common import (
     CLIError,
     Output,
+    apply_threads,
     check_image_model,
+    image_paths,
     model_file,
     one_hot,
-    apply_threads,
-    image_paths,
     write_images,
 )
 from pyrovae.cli.parser import SAMPLE_DEFAULT_FORMATS

@@ -14,12 +14,12 @@ from pyrovae.cli.common import (
     CLIError,
     Output,
     check_device,
-    dataset_of,
-    labels_of,
-    model_file,
     check_out,
     data_inputs,
+    dataset_of,
+    labels_of,
     load_data,
+    model_file,
     prepare_data,
 )
 from pyrovae.cli.parser import AIS_DEFAULT_POINTS, AIS_MAX_PAIRS

@@ -16,18 +16,17 @@ from pyrovae.cli.common import (
     NORMAL,
     CLIError,
     Output,
+    apply_threads,
     check_device,
     class_count,
     labels_of,
+    load_data,
     needs_binary,
     one_line,
     readable_file,
     write_failure,
-    apply_threads,
-    load_data,
     write_out,
 )
-from pyrovae.cli.train_options import MODEL_OPTIONS, RUN_OPTIONS, TRAIN_OPTIONS, destination
 from pyrovae.cli.rundir import (
     HISTORY_FILES,
     RunLock,
@@ -39,6 +38,7 @@ from pyrovae.cli.rundir import (
     remove_aside,
     set_aside,
 )
+from pyrovae.cli.train_options import MODEL_OPTIONS, RUN_OPTIONS, TRAIN_OPTIONS, destination
 
 _MODEL_FLAGS = {field: destination(flag) for flag, field, *_ in MODEL_OPTIONS}
 """VAEConfig field: argparse destination."""
