@@ -118,7 +118,7 @@ def set_threads(count: int) -> None:
 
 
 @contextlib.contextmanager
-def _thread_default(vae, progress: bool):
+def thread_default(vae, progress: bool):
     """Inside ``fit``: :func:`default_threads` unless the user chose (OMP_NUM_THREADS,
     :func:`set_threads`, or ``torch.set_num_threads`` to another value than torch's
     default); restored after."""
@@ -206,7 +206,7 @@ def fit(
         Also write the model (a loadable file without optimizer or resume state) here
         after every epoch whose validation ELBO is the best so far. Needs validation data.
     """
-    with _thread_default(vae, config.progress):
+    with thread_default(vae, config.progress):
         return _fit(vae, train, validation, config, checkpoint_path, resume, best_path)
 
 
