@@ -64,19 +64,36 @@ def save_image_grid(
 
     The format follows the suffix of ``path`` (``.png``, ``.pdf``, ... as Matplotlib writes
     them); a path without such a suffix gets ``.png`` added, as :func:`save_figure` does.
+    Written atomically, never over a file of another kind (:func:`pyrovae.outputs.write_file`).
     Returns the path written.
     """
-    import matplotlib.image
     from matplotlib.backend_bases import FigureCanvasBase
+
+    from pyrovae.outputs import write_file
+
+    path = Path(path)
+    extension = path.suffix.lower().lstrip(".")
+    if extension not in FigureCanvasBase.get_supported_filetypes():
+        path, extension = path.with_name(f"{path.name}.png"), "png"
+    writer = image_grid_writer(images, image_shape, extension, num_columns, scale)
+    return write_file(path, writer, output_kind(extension)).path
+
+
+def image_grid_writer(images, image_shape, extension: str, num_columns=None, scale: int = 4):
+    """``write(handle)`` writing :func:`image_grid` in format ``extension`` (see
+    :func:`save_image_grid`), for :func:`pyrovae.outputs.write_file`."""
+    import matplotlib.image
 
     grid = image_grid(images, image_shape, num_columns)
     enlarged = np.kron(grid, np.ones((scale, scale)))
-    path = Path(path)
-    if path.suffix.lower().lstrip(".") not in FigureCanvasBase.get_supported_filetypes():
-        path = path.with_name(f"{path.name}.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    matplotlib.image.imsave(path, 1.0 - enlarged, cmap="gray", vmin=0.0, vmax=1.0)
-    return path
+    return lambda handle: matplotlib.image.imsave(
+        handle, 1.0 - enlarged, cmap="gray", vmin=0.0, vmax=1.0, format=extension
+    )
+
+
+def output_kind(extension: str) -> str:
+    """The :data:`pyrovae.outputs.KINDS` entry of a figure format."""
+    return extension if extension in ("png", "pdf") else "binary"
 
 
 # --------------------------------------------------------------------------- figures
@@ -660,19 +677,28 @@ def save_figure(figure, path: str | Path, formats=FIGURE_FORMATS, dpi: int = 150
     list of Path
         The files written, in the order of ``formats``.
     """
+    from pyrovae.outputs import write_file
+
     unknown = sorted(set(formats) - set(FIGURE_FORMATS))
     if unknown or not formats:
         raise ValueError(f"formats must be among {', '.join(FIGURE_FORMATS)}; got {formats!r}")
     path = Path(path)
     if path.suffix.lower() in {".png", ".pdf"}:
         path = path.with_suffix("")
-    path.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for extension in formats:
         target = path.with_name(f"{path.name}.{extension}")
-        figure.savefig(target, dpi=dpi, format=extension, metadata=_metadata(extension))
+        write_file(target, figure_writer(figure, extension, dpi), extension)
         written.append(target)
     return written
+
+
+def figure_writer(figure, extension: str, dpi: int = 150):
+    """``write(handle)`` saving ``figure`` as ``extension`` with fixed metadata, for
+    :func:`pyrovae.outputs.write_file` (used by :func:`save_figure` and ``pyrovae plot``)."""
+    return lambda handle: figure.savefig(
+        handle, dpi=dpi, format=extension, metadata=_metadata(extension)
+    )
 
 
 def _metadata(extension: str) -> dict:

@@ -61,25 +61,42 @@ def save_spec(config: VAEConfig, path: str | Path) -> Path:
         import yaml
 
         text = yaml.safe_dump(values, sort_keys=False)
-    path.write_text(text)
-    return path
+    from pyrovae.outputs import write_text
+
+    return write_text(path, text).path
 
 
 def load_spec(path: str | Path) -> VAEConfig:
     """Read a config written by :func:`save_spec` (or by hand) and validate it."""
-    path = Path(path)
-    suffix, text = _format(path), Path(path).read_text()
-    if suffix == ".json":
-        values = json.loads(text)
-    elif suffix == ".toml":
-        values = tomllib.loads(text)
-    else:
-        import yaml
+    return VAEConfig.from_dict(read_spec_values(path))
 
-        values = yaml.safe_load(text)
+
+def read_spec_values(path: str | Path) -> dict:
+    """The mapping of VAEConfig fields a spec file holds (not yet validated).
+
+    Raises
+    ------
+    ValueError
+        An unknown format, text that is not valid JSON, TOML or YAML, or no mapping.
+    """
+    path = Path(path)
+    suffix, text = _format(path), path.read_text()
+    try:
+        if suffix == ".json":
+            values = json.loads(text)
+        elif suffix == ".toml":
+            values = tomllib.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except ValueError:  # JSON and TOML errors are ValueErrors
+        raise
+    except Exception as error:  # yaml.YAMLError
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} does not hold a mapping of options")
-    return VAEConfig.from_dict(values)
+    return values
 
 
 def render(vae, path: str | Path | None = None, filename_format: str = "png"):

@@ -8,9 +8,11 @@ registered in Pyro's global parameter store.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
+import os
 import sys
 import time
 import warnings
@@ -31,6 +33,15 @@ from pyrovae.randomness import capture_rng_state, restore_rng_state
 from pyrovae.schedules import PlateauSchedule
 
 HISTORY_COLUMNS = ("epoch", "train_elbo", "valid_elbo", "seconds", "learning_rate")
+"""Columns of a history trained by an ELBO (``trace_elbo``, ``trace_meanfield_elbo``);
+other objectives record ``train_objective`` (the objective's own bound, named in
+``objective``) in place of ``train_elbo``, which they do not measure."""
+ELBO_OBJECTIVES = ("trace_elbo", "trace_meanfield_elbo")
+"""Objectives whose training value is the ELBO itself."""
+SMALL_MODEL_PARAMETERS = 1_000_000
+"""Models with fewer parameters get one torch thread by default: more threads only cost
+synchronisation for their small matrix products, and on a busy machine they wait."""
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
 @dataclass
@@ -53,14 +64,77 @@ class History:
         return [record[name] for record in self.records]
 
     def to_jsonl(self, path: str | Path) -> None:
-        with open(path, "w") as handle:
-            handle.writelines(json.dumps(record) + "\n" for record in self.records)
+        """One JSON record per line, written atomically (:func:`pyrovae.outputs.write_file`)."""
+        from pyrovae.outputs import write_file
+
+        lines = [json.dumps(record) + "\n" for record in self.records]
+        write_file(path, lambda handle: handle.writelines(lines), "jsonl")
 
     def to_csv(self, path: str | Path) -> None:
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.records)
+        """The records as CSV, written atomically (:func:`pyrovae.outputs.write_file`)."""
+        from pyrovae.outputs import write_file
+
+        write_file(path, lambda handle: write_history_csv(self, handle), "csv")
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names in record order (:data:`HISTORY_COLUMNS` for ELBO objectives)."""
+        names: dict[str, None] = {}
+        for record in self.records:
+            names.update(dict.fromkeys(record))
+        return list(names) or list(HISTORY_COLUMNS)
+
+
+def write_history_csv(history: History, handle) -> None:
+    """Write ``history`` as CSV to an open text file."""
+    writer = csv.DictWriter(handle, fieldnames=history.columns)
+    writer.writeheader()
+    writer.writerows(history.records)
+
+
+def default_threads(num_parameters: int) -> tuple[int, str]:
+    """torch threads for a model of ``num_parameters``, and why: 1 for a small model (under
+    :data:`SMALL_MODEL_PARAMETERS`), else the cores not busy (usable cores minus the
+    one-minute load average), at most torch's own default."""
+    if num_parameters < SMALL_MODEL_PARAMETERS:
+        return 1, f"auto: 1 for a model of {num_parameters:,} parameters, under a million"
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        busy = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        busy = 0.0
+    free = max(1, min(usable or 1, _TORCH_DEFAULT_THREADS, round((usable or 1) - busy)))
+    return free, f"auto: the {free} of {usable} cores not busy (load {busy:.1f})"
+
+
+_chosen_threads: int | None = None
+
+
+def set_threads(count: int) -> None:
+    """``torch.set_num_threads(count)``, remembered as chosen: ``fit`` then keeps it."""
+    global _chosen_threads
+    torch.set_num_threads(count)
+    _chosen_threads = count
+
+
+@contextlib.contextmanager
+def thread_default(vae, progress: bool):
+    """Inside ``fit``: :func:`default_threads` unless the user chose (OMP_NUM_THREADS,
+    :func:`set_threads`, or ``torch.set_num_threads`` to another value than torch's
+    default); restored after."""
+    current = torch.get_num_threads()
+    chosen = current == _chosen_threads or current != _TORCH_DEFAULT_THREADS
+    if os.environ.get("OMP_NUM_THREADS") or chosen:
+        yield
+        return
+    count, reason = default_threads(sum(p.numel() for p in vae.parameters()))
+    if progress:
+        tqdm.write(f"threads: {count} ({reason}; torch.set_num_threads(n) to choose)")
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(current)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -111,6 +185,11 @@ def fit(
     """Fit ``vae`` (a :class:`pyrovae.models.latent_variable.LatentVariableModel`, e.g. a
     :class:`pyrovae.VAE`) and return its :class:`History`.
 
+    Threads: unless ``OMP_NUM_THREADS`` is set or torch's thread count was chosen
+    (``torch.set_num_threads`` to another value than its default, or :func:`set_threads`),
+    the fit runs with :func:`default_threads` (one thread for a model of under a million
+    parameters; a line says so when ``progress``) and restores the count afterwards.
+
     All inputs are validated, and a checkpoint to resume from is read and checked, before
     any parameter, RNG or optimizer state changes.
 
@@ -132,6 +211,11 @@ def fit(
         Also write the model (a loadable file without optimizer or resume state) here
         after every epoch whose validation ELBO is the best so far. Needs validation data.
     """
+    with thread_default(vae, config.progress):
+        return _fit(vae, train, validation, config, checkpoint_path, resume, best_path)
+
+
+def _fit(vae, train, validation, config, checkpoint_path, resume, best_path) -> History:
     parallel = active_context()
     device = resolve_device(config.device)
     if parallel is not None:
@@ -204,7 +288,7 @@ def fit(
             continue
         record = {
             "epoch": epoch,
-            "train_elbo": train_elbo,
+            **_train_value(config, train_elbo),
             "valid_elbo": _validation_elbo(vae, validation, config, parallel),
             "seconds": time.perf_counter() - started,
             "learning_rate": optimizer.param_groups[0]["lr"],
@@ -400,10 +484,23 @@ def _save_checkpoint(vae, path, epoch: int, generator, parallel, schedule) -> No
         vae.save(path, training_state=state)
 
 
+def _train_value(config: TrainConfig, value: float) -> dict:
+    """The epoch's training value under its own name: ``train_elbo`` for the ELBO
+    objectives, else ``objective`` and ``train_objective``."""
+    if config.objective in ELBO_OBJECTIVES:
+        return {"train_elbo": value}
+    return {"objective": config.objective, "train_objective": value}
+
+
 def _describe(record: dict, epochs: int) -> str:
     valid = "" if record["valid_elbo"] is None else f", valid ELBO {record['valid_elbo']:9.3f}"
+    train = (
+        f"train ELBO {record['train_elbo']:9.3f}"
+        if "train_elbo" in record
+        else f"train {record['objective']} {record['train_objective']:9.3f}"
+    )
     return (
-        f"epoch {record['epoch']:>4}/{epochs}: train ELBO {record['train_elbo']:9.3f}{valid} "
+        f"epoch {record['epoch']:>4}/{epochs}: {train}{valid} "
         f"nats/point ({record['seconds']:.2f} s)"
     )
 

@@ -60,7 +60,7 @@ def test_train_prints_summary(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(out, epochs=1)) == 0
     printed = capsys.readouterr().out
-    assert "trained 1 epochs" in printed and str(out / "model.pt") in printed
+    assert "trained 1 epoch in" in printed and str(out / "model.pt") in printed
     assert len((out / "history.jsonl").read_text().splitlines()) == 1
 
 

@@ -181,10 +181,13 @@ def test_a_disk_that_fills_up_during_training_is_one_line(tmp_path, capsys, monk
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
-def test_writing_results_to_a_full_device_is_one_line(run_dir, capsys):
+def test_results_are_never_written_over_a_device(run_dir, capsys):
+    """An atomic write renames a new file over the target: over /dev/full it would replace
+    the device node, so a device is refused before any work (full disks: test_cli_outputs)."""
     arguments = ["evaluate", "--model", str(run_dir), "--num-samples", "2", "--ks", "1"]
     assert main([*arguments, "-q", "--out", "/dev/full"]) == 2
-    one_line_error(capsys.readouterr().err, "/dev/full", "No space left on device", "--out")
+    one_line_error(capsys.readouterr().err, "/dev/full", "not a regular file", "--out")
+    assert Path("/dev/full").is_char_device()
 
 
 # --------------------------------------------------------------------------- data files

@@ -96,7 +96,7 @@ def test_default_settings_train_on_the_grey_level_digits(tmp_path, capsys):
     assert main(["train", "--dataset", "digits", "--epochs", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "binarized by a fresh Bernoulli draw of every minibatch (--binarize dynamic" in printed
-    assert "trained 1 epochs" in printed and "graph path, --compile auto" in printed
+    assert "trained 1 epoch in" in printed and "graph path, --compile auto" in printed
     vae = VAE.load(out / "model.pt")
     assert vae.train_config_.binarize == "dynamic" and vae.train_config_.compile == "auto"
 
@@ -319,7 +319,7 @@ def test_quiet_prints_only_the_summary_and_verbose_the_settings(tmp_path, capsys
     assert main(train(tmp_path / "q", "--quiet")) == 0
     lines = capsys.readouterr().out.splitlines()
     assert (
-        len(lines) == 2 and lines[0].startswith("trained 1 epochs") and lines[1].startswith("wrote")
+        len(lines) == 2 and lines[0].startswith("trained 1 epoch in") and lines[1].startswith("wrote")
     )
     assert main(train(tmp_path / "v", "--verbose")) == 0
     printed = capsys.readouterr().out
@@ -360,8 +360,8 @@ def test_pyrovae_in_a_subprocess_two_writers_and_a_log_without_bars(tmp_path):
         first = subprocess.Popen(command, stdout=log, stderr=err, env=environment)
         try:
             lock = tmp_path / "run.lock"
-            for _ in range(600):
-                if lock.exists() and lock.read_text().strip():
+            for _ in range(600):  # the lock is taken first; wait for an epoch line too
+                if lock.exists() and "epoch    1/300" in (tmp_path / "log").read_text():
                     break
                 assert first.poll() is None, (tmp_path / "err").read_text()
                 subprocess.run(["sleep", "0.1"])

@@ -191,6 +191,10 @@ def local_guide(guide, *args, data_plate: str = "data", **kwargs) -> LocalNormal
 # --------------------------------------------------------------------------- optimization
 
 
+MIN_ASSESSED_STEPS = 20
+"""Fewest per-point Adam steps whose convergence can be judged (two 10% windows of two)."""
+
+
 @dataclass
 class Convergence:
     """How far the per-point optimization got, averaged over data points (nats per point).
@@ -209,7 +213,9 @@ class Convergence:
         Mean objective over the last 10% of the steps minus that over the 10% before, and its
         standard error from the step-to-step noise.
     tolerance : float
-        ``converged`` is ``last_gain <= tolerance + 2 * last_gain_se``.
+        ``converged`` is ``last_gain <= tolerance + 2 * last_gain_se``, and never true
+        with fewer than :data:`MIN_ASSESSED_STEPS` steps (two windows of 10% of the steps
+        need two steps each before their difference says anything).
     """
 
     steps: int
@@ -222,11 +228,20 @@ class Convergence:
     tolerance: float
 
     @property
+    def assessed(self) -> bool:
+        return self.steps >= MIN_ASSESSED_STEPS
+
+    @property
     def converged(self) -> bool:
-        return self.last_gain <= self.tolerance + 2 * self.last_gain_se
+        return self.assessed and self.last_gain <= self.tolerance + 2 * self.last_gain_se
 
     def describe(self) -> str:
         verdict = "converged" if self.converged else "NOT converged (raise steps)"
+        if not self.assessed:
+            verdict = (
+                f"NOT converged: {self.steps} steps are too few to tell (at least "
+                f"{MIN_ASSESSED_STEPS}; raise steps)"
+            )
         return (
             f"per-point optimization: {self.steps} Adam steps, {self.draws} draws per step, "
             f"learning rate {self.learning_rate:g}; objective {self.initial_elbo:.3f} -> "

@@ -105,17 +105,26 @@ def summary_rows(per_datapoint: dict, names) -> list[dict]:
     return rows
 
 
-def write_per_datapoint_csv(per_datapoint: dict, path: str | Path) -> Path:
-    """Write per-datapoint columns to ``path``, one row per data point (index first)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def per_datapoint_csv_writer(per_datapoint: dict):
+    """``write(handle)`` writing per-datapoint columns as CSV, one row per data point (index
+    first), for :func:`pyrovae.outputs.write_file`."""
     names = list(per_datapoint)
-    with open(path, "w", newline="") as handle:
+
+    def write(handle) -> None:
         writer = csv.writer(handle)
         writer.writerow(["data_point", *names])
         for index, row in enumerate(zip(*(per_datapoint[n] for n in names), strict=True)):
             writer.writerow([index, *(f"{value:.6f}" for value in row)])
-    return path
+
+    return write
+
+
+def write_per_datapoint_csv(per_datapoint: dict, path: str | Path) -> Path:
+    """Write per-datapoint columns to ``path``, one row per data point (index first),
+    atomically and never over a file of another kind (:func:`pyrovae.outputs.write_file`)."""
+    from pyrovae.outputs import write_file
+
+    return write_file(path, per_datapoint_csv_writer(per_datapoint), "csv").path
 
 
 @dataclass
