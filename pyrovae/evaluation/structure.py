@@ -308,8 +308,10 @@ def _check_sites(sites: dict[str, SiteStructure], data_plate: str) -> None:
             raise ValueError(
                 f"latent site {site.name!r} is global (outside the data plate {data_plate!r}): "
                 "it couples the data points, so it has no per-datapoint weight, and minibatch "
-                "training would count its KL once per minibatch. Make it a parameter "
-                "(pyro.param), or move it inside the plate as one variable per data point"
+                "training would count its KL once per minibatch. Guide it with "
+                "pyrovae.models.hybrid.HybridGuide (a global guide such as AutoNormal beside "
+                "an amortized local guide), make it a parameter (pyro.param), or move it "
+                "inside the plate as one variable per data point"
             )
         if site.support is not None and site.support.is_discrete:
             raise ValueError(
