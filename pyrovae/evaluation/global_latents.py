@@ -38,6 +38,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.autoguide import AutoDelta
 
 from pyrovae.evaluation.importance import EvaluationResult, evaluate
 from pyrovae.evaluation.structure import check_structure
@@ -215,6 +216,12 @@ def log_marginal_likelihood(
     for name, value in (("num_global", num_global), ("num_local", num_local)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if is_hybrid(guide) and isinstance(guide.global_guide, AutoDelta):
+        raise ValueError(
+            "the global guide is AutoDelta, a point mass: it is no importance sampling "
+            "proposal for theta (log p(X) needs a density q(theta)); evaluate log p(x_n | "
+            "theta_hat) with evaluate_conditional, or fit an AutoNormal global guide"
+        )
     if seed is not None:
         pyro.set_rng_seed(seed)
     with torch.no_grad():

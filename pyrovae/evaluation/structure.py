@@ -178,6 +178,7 @@ def check_structure(
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
         model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
+        _check_auxiliary(guide_trace)  # whole-model autoguides (pyrovae.models.hybrid)
         sites = {s.name: s for s in check_model_sites(model_trace, data_plate)}
         data_dim = _data_plate_dim(model_trace, data_plate)
         _check_guide(sites, guide_trace, data_plate, data_dim)
@@ -321,6 +322,21 @@ def _check_sites(sites: dict[str, SiteStructure], data_plate: str) -> None:
                 "distribution), relax it (RelaxedOneHotCategorical), or fit it with Pyro's "
                 "TraceGraph_ELBO / TraceEnum_ELBO"
             )
+
+
+def _check_auxiliary(guide_trace) -> None:
+    """Refuse a guide with an autoguide's auxiliary site (not a model site), e.g. Pyro's
+    ``AutoDiagonalNormal`` over the whole model."""
+    auxiliary = [n for n, s in _sample_sites(guide_trace).items() if s["infer"].get("is_auxiliary")]
+    if auxiliary:
+        raise ValueError(
+            f"the guide samples the auxiliary site(s) {auxiliary} of a Pyro autoguide over the "
+            "model: one draw of it holds the latents of every data point, so there is no "
+            "per-datapoint weight. Guide local sites with AmortizedGuide and global sites "
+            "with pyrovae.models.hybrid.HybridGuide (an autoguide over the global sites "
+            "only); pyrovae.evaluation.global_latents.log_marginal_likelihood estimates "
+            "log p(X) of a whole data set with a whole-model autoguide"
+        )
 
 
 def _check_guide(sites: dict, guide_trace, data_plate: str, data_dim: int) -> None:
