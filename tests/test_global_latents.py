@@ -168,23 +168,26 @@ def test_objectives_with_a_log_sum_exp_over_draws_are_refused(x):
     assert fitted.history_ is None
 
 
+ENDPOINT_SD = 0.012
+"""Standard deviation of the fitted mu over training seeds (the SE of one fit), measured with
+the protocol of the test below on this data set, five seeds each (CPU, float64): AutoNormal
+1.6062, 1.6207, 1.6380, 1.6256, 1.6209 (sd 0.0114); AutoDelta 1.5962, 1.6111, 1.6144,
+1.6092, 1.6148 (sd 0.0076); exact posterior mean 1.6121. With the global KL counted once
+per minibatch (num_data = batch size) the fit ends near 1.06 instead."""
+
+
 @pytest.mark.parametrize("global_guide", [AutoNormal, AutoDelta])
 def test_fit_recovers_the_posterior_mean_of_the_global_site(x, global_guide):
     """Mean-field VI of a Gaussian target has the exact posterior means (AutoNormal), and
     MAP of mu with the local ELBO tight at the optimum is the posterior mode (AutoDelta):
-    both equal the closed-form posterior mean. The SE is the spread of the last iterates."""
+    both equal the closed-form posterior mean, here within 3 SE of one fit."""
     guide = HybridGuide(model, x[:4], global_guide=global_guide, hidden_sizes=())
     fitted = LatentVariableModel(model, guide)
     fitted.fit(x, epochs=60, batch_size=10, learning_rate=3e-2, seed=0, progress=False)
-    iterates = []
-    for epoch in range(10):  # small steps around the optimum: the iterates' spread
-        fitted.fit(x, epochs=2, batch_size=10, learning_rate=3e-3, seed=epoch, progress=False,
-                   compile="none")
-        iterates.append(float(guide.plug_in(x[:2])["mu"]))
-    iterates = torch.tensor(iterates)
+    fitted.fit(x, epochs=40, batch_size=10, learning_rate=2e-3, seed=0, progress=False)
     mean, sd = posterior_of_mu(x)
-    se = max(float(iterates.std()), 1e-3 * sd)
-    assert abs(float(iterates[-1]) - mean) < 3 * se + 0.05 * sd, (iterates, mean, sd)
+    fitted_mu = float(guide.plug_in(x[:2])["mu"])
+    assert abs(fitted_mu - mean) < 3 * ENDPOINT_SD, (fitted_mu, mean, sd)
 
 
 def test_conditional_evaluation_matches_log_p_x_given_the_plug_in(x):
