@@ -235,7 +235,9 @@ def log_marginal_likelihood(
     log_weights = torch.stack(log_weights).double()
     log_px = float(torch.logsumexp(log_weights, 0) - math.log(num_global))
     w = torch.exp(log_weights - log_weights.max())
-    se = float(w.std(unbiased=True) / (math.sqrt(num_global) * w.mean())) if num_global > 1 else math.nan
+    se = math.nan
+    if num_global > 1:  # delta method: sd(w) / (sqrt(S) mean(w))
+        se = float(w.std(unbiased=True) / (math.sqrt(num_global) * w.mean()))
     num_points = int(args[0].shape[0])
     return WholeDataEstimate(log_px, se, num_points, log_weights.cpu().numpy(), num_local)
 
@@ -251,7 +253,9 @@ def _nested_log_weights(model, guide, args, num_global, num_local, data_plate, m
             guide_trace
         )
         if structure is None:
-            structure = check_structure(conditioned, guide.local_guide, *args, data_plate=data_plate)
+            structure = check_structure(
+                conditioned, guide.local_guide, *args, data_plate=data_plate
+            )
             structure.require_common_scale("the nested log p(X) estimate")
         terms = particle_terms(
             conditioned,
