@@ -135,8 +135,8 @@ def fit(
     train = vae.training_inputs(train, config, "training data")
     if validation is not None:
         validation = vae.training_inputs(validation, config, "validation data")
-    vae.prepare_parameters(*train)
     vae.check_training_structure(config, *train)
+    vae.prepare_parameters(*train)
     if next(vae.parameters(), None) is None:
         raise ValueError(
             "the model and guide have no parameters to fit: add pyro.param / nn.Parameter "
@@ -249,7 +249,7 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
     obstacle = vae.compile_obstacle()
     if obstacle is not None and mode in ("graph", "inductor"):
         raise ValueError(f"compile={mode!r}: {obstacle}")
-    if obstacle is not None:  # auto
+    if obstacle is not None and mode == "auto":
         warnings.warn(
             f"compile='auto': {obstacle}; training with eager Pyro", RuntimeWarning, stacklevel=4
         )
@@ -280,7 +280,9 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
         config.objective,
         config.num_particles,
         max_plate_nesting=nesting,
-        traceable=compiled,
+        # Pyro's Trace_ELBO would sample enumerable discrete sites (no gradient for them):
+        # its pyrovae equivalent sums them out, as every other objective here does.
+        traceable=compiled or bool(structure.discrete_sites),
         **options,
     )
     objective = vae.training_objective(objective, train[0].shape[0])  # global sites

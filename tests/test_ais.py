@@ -8,6 +8,13 @@ Reference models with an exact log p(x) and an exact posterior:
   loc ~ N(0, 1)^2, values | loc ~ N(loc, s^2). Its marginal is negative binomial times
   normal, its posterior Gamma(a + counts, b + 1) times normal.
 
+Log-space checks at T = 50..100 cannot see an error of a few hundredths of a nat in one
+weight increment; the small-T checks (T = 2, 3, 5) compare the weights in probability space,
+E[w] = p(x) and E[w'] = 1/p(x), and BDMC runs over several blocks. Each of these plausible
+bugs, applied by hand, makes at least one of them fail: the last forward increment dropped,
+the reverse transition at the wrong temperature, the upper bound from the mean of the log
+weights, every block reusing the first block's z*, or its random draws.
+
 Conventions as in tests/test_linear_gaussian.py: float64, fixed seeds, and every Monte Carlo
 comparison passes within NUM_SE = 4 standard errors, each SE computed from the draws (the
 delta-method SE over chains, or the spread over data points or chains of an average of
@@ -142,6 +149,107 @@ def test_bdmc_sandwiches_exact_log_marginal_and_narrows(float64):
     assert widths[10].mean() > NUM_SE * widths[10].std(ddof=1) / math.sqrt(64)
     narrowing = widths[10] - widths[100]
     assert narrowing.mean() > NUM_SE * narrowing.std(ddof=1) / math.sqrt(64)
+
+
+# ------------------------------------------- weights in probability space, several blocks
+
+
+SMALL_T = dict(num_chains=4, num_leapfrog=5, step_size=0.3)
+"""HMC settings of the small-T checks (step sizes adapted by two tuning chains)."""
+
+
+def make_one_factor():
+    """L = 1, so the optimal diagonal guide is the exact posterior; shifted by 0.5 (about
+    1.2 posterior standard deviations), w / p(x) and w' p(x) are log-normal at T = 1 and
+    have every moment at any T, so the SE of their mean is itself well estimated."""
+    model = LinearGaussianModel.random(D, 1, seed=MODEL_SEED)
+    return model, LinearGaussianGuide.optimal_for(model).perturbed(1.0, 0.5)
+
+
+def assert_mean_one(ratios: np.ndarray, label: str) -> None:
+    """The mean of independent ratios (one per data point) is 1 within NUM_SE SEs."""
+    se = ratios.std(ddof=1) / math.sqrt(len(ratios))
+    assert abs(ratios.mean() - 1) <= NUM_SE * se, (label, ratios.mean(), se)
+
+
+@pytest.mark.parametrize("num_steps", [2, 3, 5])
+def test_forward_and_reverse_weights_have_mean_one_at_small_t(float64, num_steps):
+    """E[w] = p(x) and E[w'] = 1/p(x) hold exactly at every T. Over 4000 simulated points,
+    exp(lower - log p(x)) (the mean of 4 chains' w / p(x)) and exp(log p(x) - upper) (the
+    mean of their w' p(x)) average to 1 within NUM_SE SEs (about 0.03). At small T every
+    weight increment and every transition's temperature matters: a dropped last increment,
+    a reverse transition at the wrong temperature, or an upper bound from the mean of the
+    log weights moves these means by 0.1 or more."""
+    model, guide = make_one_factor()
+    pyro.set_rng_seed(10 + num_steps)
+    x, exact_draws = simulate_data(model, 4000)
+    exact = np64(model.log_marginal(x))
+    result = bdmc(
+        model, guide, x, posterior_sample=exact_draws, num_steps=num_steps, seed=1, **SMALL_T
+    )
+    assert_mean_one(np.exp(result.per_datapoint["lower"] - exact), "forward")
+    assert_mean_one(np.exp(exact - result.per_datapoint["upper"]), "reverse")
+
+
+def test_forward_weights_from_the_prior_have_mean_one_at_small_t(float64):
+    model, _ = make_one_factor()
+    x = model.sample_data(4000, seed=DATA_SEED)
+    result = ais(model, None, x, num_steps=3, start="prior", seed=2, **SMALL_T)
+    assert_mean_one(np.exp(result.log_px - np64(model.log_marginal(x))), "forward, prior")
+
+
+def test_bdmc_over_several_blocks_matches_one_block(float64):
+    """max_pairs holds 50 points (with the two tuning chains): 8 blocks, each reverse chain
+    starting from its own point's z*. With T = 1 the reverse weight is the single increment
+    at z*, so upper = log p(x, z*) - log q(z* | x) exactly, in every block. With T = 3, per
+    point, lower and upper equal those of one block in distribution (the mean of the
+    differences is 0 within NUM_SE SEs), and the weights have mean one in probability
+    space."""
+    model, guide = make_one_factor()
+    pyro.set_rng_seed(20)
+    x, exact_draws = simulate_data(model, 400)
+    exact = np64(model.log_marginal(x))
+    chains = SMALL_T["num_chains"] + 2
+    settings = dict(posterior_sample=exact_draws, **SMALL_T)
+    single_step = bdmc(model, guide, x, num_steps=1, max_pairs=50 * chains, seed=1, **settings)
+    z = exact_draws["z"]
+    with torch.no_grad():
+        log_ratio = model.prior().log_prob(z) + model.observation(z).log_prob(x)
+        log_ratio -= guide.distribution(x).log_prob(z)
+    np.testing.assert_allclose(single_step.per_datapoint["upper"], np64(log_ratio), rtol=1e-10)
+    settings["num_steps"] = 3
+    one = bdmc(model, guide, x, seed=1, **settings)
+    several = bdmc(model, guide, x, max_pairs=50 * chains, seed=2, **settings)
+    for name in ("lower", "upper"):
+        difference = several.per_datapoint[name] - one.per_datapoint[name]
+        se = difference.std(ddof=1) / math.sqrt(len(difference))
+        assert abs(difference.mean()) <= NUM_SE * se, name
+    assert_mean_one(np.exp(several.per_datapoint["lower"] - exact), "forward")
+    assert_mean_one(np.exp(exact - several.per_datapoint["upper"]), "reverse")
+
+
+def test_bdmc_blocks_use_different_draws(float64):
+    """Two blocks on the same 25 points and z*: each block draws from its own seed, so
+    their results differ (identical results would mean every block replays one block's
+    random draws, and the blocks' errors would not average out)."""
+    model, guide = make_one_factor()
+    pyro.set_rng_seed(21)
+    x, exact_draws = simulate_data(model, 25)
+    twice = {"z": torch.cat([exact_draws["z"]] * 2)}
+    chains = SMALL_T["num_chains"] + 2
+    result = bdmc(
+        model,
+        guide,
+        torch.cat([x, x]),
+        posterior_sample=twice,
+        num_steps=3,
+        max_pairs=25 * chains,
+        seed=3,
+        **SMALL_T,
+    )
+    for name in ("lower", "upper"):
+        first, second = np.split(result.per_datapoint[name], 2)
+        assert np.all(first != second), name
 
 
 @torch.no_grad()

@@ -324,3 +324,51 @@ def test_data_plate_reaches_every_objective(float64, objective, compile):
     assert np.isfinite(history.column("valid_elbo")).all()
     built = make_objective("iwae", 2, data_plate="documents")
     assert built.data_plate == "documents"
+
+
+@pytest.mark.parametrize("autoguide", ["AutoNormal", "AutoDiagonalNormal", "AutoDelta"])
+def test_pyros_whole_model_autoguides_are_refused_before_they_are_sized(float64, autoguide):
+    from pyro.infer import autoguide as autoguides
+
+    x = torch.randn(12, 1)
+    guide = getattr(autoguides, autoguide)(documents_model)
+    with pytest.raises(ValueError, match=f"Pyro's {autoguide}.*not amortized"):
+        evaluate(documents_model, guide, x, num_samples=4, ks=(1,), data_plate="documents")
+    fitted = LatentVariableModel(documents_model, guide, data_plate="documents")
+    with pytest.raises(ValueError, match="not amortized"):
+        fitted.fit(x, epochs=1, batch_size=4, progress=False)
+    assert not list(guide.parameters())  # never called on a probe: nothing was sized
+
+
+def test_model_and_guide_scaled_differently_are_refused(float64):
+    x = torch.randn(8, 1)
+
+    def guide(x):
+        with pyro.plate("documents", x.shape[0]):
+            pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+
+    with pytest.raises(ValueError, match="'z' is scaled differently in the model \\(0.5\\)"):
+        evaluate(poutine.scale(documents_model, 0.5), guide, x, num_samples=4, ks=(1,),
+                 data_plate="documents")
+
+
+def test_deterministic_and_factor_sites_are_exact(float64):
+    """A global pyro.deterministic carries no density; a factor adds its log term per point."""
+    x = torch.randn(10, 1)
+
+    def model(x):
+        pyro.deterministic("noise", torch.tensor(NOISE))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.deterministic("twice", 2 * z)
+            pyro.factor("penalty", -0.5 * x[:, 0] ** 2)
+            pyro.sample("x", dist.Normal(z[..., None], NOISE).to_event(1), obs=x)
+
+    def guide(x):  # the exact posterior of z given x
+        with pyro.plate("data", x.shape[0]):
+            precision = 1 + 1 / NOISE**2
+            pyro.sample("z", dist.Normal(x[:, 0] / NOISE**2 / precision, precision**-0.5))
+
+    result = evaluate(model, guide, x, num_samples=3, ks=(1,), latent_diagnostics=False)
+    exact = normal_log_density(x[:, 0], 1 + NOISE**2) - 0.5 * x[:, 0] ** 2
+    np.testing.assert_allclose(result.per_datapoint["log_px"], exact.numpy(), rtol=1e-10)

@@ -10,6 +10,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from pyrovae.evaluation.importance import evaluate
 from pyrovae.models.autoguide import AmortizedGuide
 from pyrovae.models.latent_variable import LatentVariableModel
 
@@ -66,6 +67,12 @@ def test_guide_refuses_global_and_discrete_latents():
     def discrete_latent(x):
         with pyro.plate("data", x.shape[0]):
             c = pyro.sample("c", dist.Bernoulli(0.5))
+            mean = c.unsqueeze(-1).expand(c.shape + (3,))
+            pyro.sample("x", dist.Normal(mean, 1.0).to_event(1), obs=x)
+
+    def discrete_latent_for_one_shape(x):  # .expand([N, 3]) cannot take an enumeration dim
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Bernoulli(0.5))
             pyro.sample(
                 "x", dist.Normal(c.unsqueeze(-1), 1.0).expand([x.shape[0], 3]).to_event(1), obs=x
             )
@@ -73,8 +80,17 @@ def test_guide_refuses_global_and_discrete_latents():
     x = torch.randn(5, 3)
     with pytest.raises(ValueError, match=r"latent site 'scale' is global \(outside"):
         AmortizedGuide(global_latent, x)
-    with pytest.raises(ValueError, match="latent site 'c' is discrete"):
-        AmortizedGuide(discrete_latent, x)
+    guide = AmortizedGuide(discrete_latent, x)  # the discrete site is enumerated, not guided
+    assert guide.sites == []
+    result = evaluate(discrete_latent, guide, x, num_samples=3, ks=(1,), latent_diagnostics=False)
+    normal = dist.Normal(0.0, 1.0)
+    exact = torch.logsumexp(
+        torch.stack([normal.log_prob(x).sum(-1), normal.log_prob(x - 1).sum(-1)]), 0
+    ) - torch.tensor(2.0).log()
+    np.testing.assert_allclose(result.per_datapoint["log_px"], exact.numpy(), rtol=1e-5)
+    guide = AmortizedGuide(discrete_latent_for_one_shape, x)
+    with pytest.raises(ValueError, match=r"fails with its discrete site\(s\) 'c' enumerated"):
+        evaluate(discrete_latent_for_one_shape, guide, x, num_samples=3, ks=(1,))
 
 
 def test_generic_inputs_are_validated_before_training(studies):

@@ -12,16 +12,20 @@ invariant. Each chain's log weight
     log w = sum_{t=1..T} (beta_t - beta_{t-1}) [log p(x, z_{t-1}) - log r(z_{t-1})]
 
 has E[w] = p(x), so ``log_px = log mean_c w_c`` is a *stochastic lower bound* on log p(x):
-E[log_px] <= log p(x) (Jensen), with a bias that shrinks as T and C grow. Its Monte Carlo
-standard error over the chains is the delta-method one of
+E[log_px] <= log p(x) (Jensen). Its bias shrinks as C grows, and as T grows only when the
+transitions mix: a mode of p(z|x) that the HMC kernel cannot reach from the starting draws
+stays missed at every T (the weights then account for it no better than importance
+sampling from r). Its Monte Carlo standard error over the chains is the delta-method one of
 :func:`pyrovae.evaluation.bounds.importance_estimate`.
 
 Reverse AIS, used by BDMC (Grosse et al., 2015; Wu et al., 2017), starts from an exact
 posterior draw z* (available for data simulated from the model: z* ~ p(z), x ~ p(x|z*)),
 runs the same transitions from beta = 1 down to 0, and its weights w' have E[w'] = 1/p(x),
-so ``-log mean_c w'_c`` is a *stochastic upper bound*: E[upper] >= log p(x). The width of
-the sandwich [lower, upper] bounds the error of AIS on such data and tells how many steps
-make it trustworthy for a given model.
+so ``-log mean_c w'_c`` is a *stochastic upper bound*: E[upper] >= log p(x). The sandwich
+bounds the error *in expectation*: E[upper] - E[lower] >= log p(x) - E[lower] >= 0, so the
+expected width bounds the bias of forward AIS on such data (a single run's width does not
+bound that run's error: either bound can cross log p(x) by Monte Carlo noise). Its mean
+over many simulated points tells how many steps make AIS trustworthy for a given model.
 
 All values are in nats per data point, float64; higher log-likelihoods are better.
 
@@ -34,6 +38,20 @@ per-datapoint reduction as :mod:`pyrovae.evaluation.traces`), gradients from
 processed in chunks of at most ``max_pairs`` (chain, data point) pairs, in one process
 (unlike :func:`pyrovae.evaluation.importance.evaluate`, the blocks are not sharded under
 :mod:`torch.distributed`).
+
+Scales and subsampling, as in :func:`pyrovae.evaluation.importance.evaluate` (see
+:mod:`pyrovae.evaluation.traces`). A scale common to every site (``poutine.scale`` around
+the whole model and guide, the data plate's subsampling scale) is left out: the estimates
+are per data point. Site-specific scales are refused with evaluate's message. An observed
+site in a subsampled plate nested in the data plate (``subsample_size=2`` of 4) has its log
+density multiplied by that plate's scale (4/2); the plate's subsample is drawn once per
+block of data points and replayed in every density evaluation of that block (guide and
+model alike), so AIS estimates log Z_S, the log normalizer of p(z) p(x_S | z)^scale for
+that subsample S (what evaluate's log p_hat(x) estimates when its draws share one S, as
+they do in one vectorized pass). Latent
+sites in subsampled plates are refused (the chains start from unscaled draws of r(z)), and
+:func:`bdmc` refuses every subsampled inner plate (z* is an exact posterior draw given all
+the data, not a draw of the scaled target).
 
 Step-size adaptation. The leapfrog step size of each data point (shared by its chains)
 starts at ``step_size`` and is updated after every transition,
@@ -68,6 +86,7 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
@@ -76,14 +95,16 @@ from pyrovae.evaluation.hmc import PathState, hmc_transition
 from pyrovae.evaluation.importance import summary_rows, write_per_datapoint_csv
 from pyrovae.evaluation.traces import (
     PARTICLE_PLATE,
+    ParticleTraces,
     _batched_length,
-    _check_site_names,
     _data_frame,
     _per_datapoint,
     _sample_sites,
     _slice_arguments,
     chunk_bounds,
     guess_max_plate_nesting,
+    inner_plate_scale,
+    run_traces,
 )
 from pyrovae.randomness import derived_seed
 
@@ -156,6 +177,57 @@ def _no_guide(*args, **kwargs) -> None:
     return None
 
 
+def _is_observed(msg: dict) -> bool:
+    return bool(msg.get("is_observed"))
+
+
+def _prior_program(model: Callable) -> Callable:
+    """The model without its observed sites: the program of the prior p(z)."""
+    return poutine.block(model, hide_fn=_is_observed)
+
+
+def _subsamples(traces: ParticleTraces) -> dict[str, torch.Tensor]:
+    """Indices of every subsampled plate (``subsample_size`` or ``subsample`` smaller than
+    its size) in the guide's and the model's trace, by plate name."""
+    found = {}
+    for trace in (traces.guide_trace, traces.model_trace):
+        for name, site in trace.nodes.items():
+            fn = site.get("fn")
+            if isinstance(fn, _Subsample) and len(site["value"]) < fn.size:
+                found[name] = site["value"]
+    if traces.data_plate in found:
+        raise ValueError(
+            f"the data plate {traces.data_plate!r} subsamples the data points inside the "
+            "model: AIS estimates log p(x) of every data point it is given; pass those "
+            "data points and a plate over all of them"
+        )
+    return found
+
+
+def _check_scales(traces: ParticleTraces, data_plate: str) -> dict[str, float]:
+    """Refuse latent sites in subsampled inner plates; return the observed sites' inner
+    subsampling scales that differ from 1, by site name.
+
+    (Scales without a common factor were refused by :class:`ParticleTraces` already.)
+    """
+    for role, sites in (("model", traces.model_sites), ("guide", traces.guide_sites)):
+        for name in traces.latent_names:
+            weight = inner_plate_scale(sites[name], data_plate)
+            if weight != 1.0:
+                raise ValueError(
+                    f"latent site {name!r} is in a subsampled plate (its {role} log density "
+                    f"is scaled by {weight:g}): AIS starts its chains from unscaled draws of "
+                    "r(z), so it cannot anneal from a scaled density; sample latent sites in "
+                    "plates without subsample_size"
+                )
+    scaled = {}
+    for name, site in traces.model_sites.items():
+        weight = inner_plate_scale(site, data_plate)
+        if site["is_observed"] and weight != 1.0:
+            scaled[name] = weight
+    return scaled
+
+
 def _layout(name: str, site: dict, data_plate: str, nesting: int) -> SiteLayout:
     frame = _data_frame(site, data_plate, "latent model")
     support = site["fn"].support
@@ -214,16 +286,32 @@ class AnnealingTarget:
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide or _no_guide, *args, **kwargs)
         self.nesting = max_plate_nesting
-        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_devices(args, kwargs)):
-            model_trace = self._trace(model, 1)
-            sites = _sample_sites(model_trace)
-            if guide is not None:
-                _check_site_names(sites, _sample_sites(self._trace(guide, 1)))
+        devices = _cuda_devices(args, kwargs)
+        with torch.no_grad():
+            with torch.random.fork_rng(devices=devices):
+                probe = self._probe()
+            if _subsamples(probe):  # drawn from the live RNG stream: this block's subsample
+                probe = self._probe()
+            self.subsamples = _subsamples(probe)
+            """Indices of the subsampled plates, by plate name, replayed in every trace."""
+            with torch.random.fork_rng(devices=devices):
+                sites = _sample_sites(self._trace(model, 1))
         self.latent_names = [n for n, s in sites.items() if not s["is_observed"]]
         if not self.latent_names:
             raise ValueError("the model has no latent sites: log p(x) needs no AIS")
+        self.scaled_sites = _check_scales(probe, data_plate)
+        """Observed sites in subsampled inner plates, with the factor of their log density."""
         self.layouts = [_layout(n, sites[n], data_plate, self.nesting) for n in self.latent_names]
         self.num_points = self.layouts[0].point_shape[0]
+
+    def _probe(self) -> ParticleTraces:
+        """One draw of r(z) per data point and the model replayed on it, traced as
+        :func:`pyrovae.evaluation.importance.evaluate` traces them: the site names are
+        checked and scales that evaluate refuses are refused with its message."""
+        reference = self.guide if self.start == "guide" else _prior_program(self.model)
+        return run_traces(
+            self.model, reference, self.args, self.kwargs, 1, self.data_plate, self.nesting
+        )
 
     @property
     def dim(self) -> int:
@@ -231,8 +319,11 @@ class AnnealingTarget:
         return sum(layout.width for layout in self.layouts)
 
     def _trace(self, program: Callable, num_chains: int, values: dict | None = None):
-        if values is not None:
-            program = poutine.condition(program, data=values)
+        """Trace ``program`` under the chain plate, conditioned on ``values`` and on the
+        block's subsample indices."""
+        data = {**self.subsamples, **(values or {})}
+        if data:
+            program = poutine.condition(program, data=data)
         dim = -(self.nesting + 1)
         with poutine.block(), pyro.plate(PARTICLE_PLATE, num_chains, dim=dim):
             return poutine.trace(program).get_trace(*self.args, **self.kwargs)
@@ -278,13 +369,14 @@ class AnnealingTarget:
             value = layout.transform(part)
             jacobian = layout.transform.log_abs_det_jacobian(part, value)
             log_det = log_det + _per_datapoint(
-                jacobian, {"mask": None}, layout.frame_dim, num_chains, self.nesting
+                jacobian, {"mask": None, "infer": {}}, layout.frame_dim, num_chains, self.nesting
             )
             values[layout.name] = value
         return values, log_det
 
     def _site_terms(self, program: Callable, values: dict, role: str) -> dict[str, torch.Tensor]:
-        """Per-site log densities, shape (C, N), of ``program`` conditioned on ``values``."""
+        """Per-site log densities, shape (C, N), of ``program`` conditioned on ``values``,
+        each times its inner plates' subsampling scale (as in ``evaluate``)."""
         num_chains = next(iter(values.values())).shape[0]
         with pyro.validation_enabled(False):
             trace = self._trace(program, num_chains, values)
@@ -292,7 +384,10 @@ class AnnealingTarget:
         for name, site in _sample_sites(trace).items():
             frame = _data_frame(site, self.data_plate, role)
             log_prob = site["fn"].log_prob(site["value"])
-            terms[name] = _per_datapoint(log_prob, site, frame.dim, num_chains, self.nesting)
+            weight = inner_plate_scale(site, self.data_plate)
+            terms[name] = _per_datapoint(
+                log_prob, site, frame.dim, num_chains, self.nesting, weight
+            )
         return terms
 
     def log_densities(self, values: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -573,8 +668,8 @@ class BDMCResult(_Result):
 
     @property
     def mean_width(self) -> float:
-        """Mean of upper - lower over data points, nats (an upper bound, in expectation, on
-        the mean error of forward AIS with these settings on data from the model)."""
+        """Mean of upper - lower over data points, nats. Its expectation bounds the mean bias
+        log p(x) - E[lower] of forward AIS with these settings on data from the model."""
         return float(self.per_datapoint["width"].mean())
 
     def table(self) -> str:
@@ -736,7 +831,8 @@ def ais(
         Pyro model and guide with the same latent sites, all continuous and local to the
         plate ``data_plate``; called as ``model(*args, **kwargs)``. Tensor arguments whose
         first axis has the data size are split into blocks along it. ``guide`` may be
-        ``None`` with ``start="prior"``.
+        ``None`` with ``start="prior"``. Scales and subsampled plates are treated as by
+        :func:`pyrovae.evaluation.importance.evaluate` or refused (module docstring).
     num_steps : int
         T, annealing steps (T - 1 HMC transitions); T = 1 is importance sampling from r.
     num_chains : int
@@ -840,6 +936,17 @@ def simulate_data(
     return x, {name: simulated.nodes[name]["value"] for name in latent}
 
 
+def _check_unscaled(target: AnnealingTarget) -> None:
+    if target.scaled_sites:
+        scales = ", ".join(f"{name!r}: {w:g}" for name, w in target.scaled_sites.items())
+        raise ValueError(
+            f"observed site(s) in subsampled plates (log densities scaled by {scales}): the "
+            "exact draws z* are posterior draws given all the data, not draws of the scaled "
+            "target AIS anneals to, so BDMC's upper bound would not hold; use plates without "
+            "subsample_size"
+        )
+
+
 def bdmc(
     model: Callable,
     guide: Callable | None,
@@ -871,10 +978,12 @@ def bdmc(
     of event shape (L,) in the data plate), such as x ~ p(x|z*), z* ~ p(z).
 
     Forward AIS (as :func:`ais`) gives ``lower``; reverse AIS from z*, with the forward run's
-    step sizes and schedule reversed, gives ``upper``. The ``width`` upper - lower bounds
-    the error of forward AIS on such data in expectation: increase ``num_steps`` until it
-    is small enough. All other parameters are those of :func:`ais`; ``num_chains`` chains
-    run in each direction (the reverse chains all start from z*).
+    step sizes and schedule reversed, gives ``upper``. The expected ``width`` upper - lower
+    bounds the bias of forward AIS on such data, E[upper] - E[lower] >= log p(x) - E[lower]
+    (one run's width is noisy and bounds nothing by itself): increase ``num_steps`` until
+    its mean over data points is small enough. All other parameters are those of
+    :func:`ais`; ``num_chains`` chains run in each direction (the reverse chains all start
+    from z*). Models with subsampled inner plates are refused (see the module docstring).
 
     Returns
     -------
@@ -906,6 +1015,7 @@ def bdmc(
     plan = _make_plan(model, guide, args, kwargs, options)
 
     def run_block(target: AnnealingTarget, offset: int) -> dict:
+        _check_unscaled(target)
         forward = anneal_forward(target, plan.betas, num_chains, hmc)
         exact = target.expand_sample(posterior_sample, num_chains, offset)
         reverse, reverse_accept = anneal_reverse(

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from pyrovae.evaluation.importance import data_fingerprint
+from pyrovae.models.modes import evaluates
 
 PAIRINGS = ("best", "all")
 
@@ -210,6 +211,7 @@ def _check_same_points(values: dict, fingerprints: dict, expected: str | None) -
         )
 
 
+@evaluates("models")
 def compare(
     models: dict,
     *data,

@@ -49,6 +49,7 @@ from pyrovae.evaluation.traces import (
     reduce_terms,
     run_traces,
 )
+from pyrovae.models.modes import evaluates
 
 SUPPORTED_FAMILIES = (
     "guides with one latent site whose distribution per data point is a diagonal Normal "
@@ -402,6 +403,7 @@ def _given_log_px(log_px, length: int, fingerprint: str) -> np.ndarray:
     return values
 
 
+@evaluates("model", "guide")
 def gap_decomposition(
     model,
     guide,
@@ -536,6 +538,7 @@ def _check_options(num_samples, steps, draws, learning_rate, max_pairs) -> None:
         raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
 
 
+@evaluates("fitted")
 def decompose_gaps(fitted, *data, **options) -> GapResult:
     """:func:`gap_decomposition` of a fitted :class:`~pyrovae.models.latent_variable.
     LatentVariableModel` (e.g. a :class:`~pyrovae.VAE`) on its data (validated as its

@@ -62,6 +62,7 @@ from pyrovae.evaluation.traces import (
     chunk_bounds,
     particle_terms,
 )
+from pyrovae.models.modes import evaluates
 from pyrovae.randomness import derived_seed
 
 KHAT_THRESHOLD = 0.7
@@ -369,6 +370,7 @@ def _reduce_chunk(
     return columns
 
 
+@evaluates("model", "guide")
 def evaluate(
     model,
     guide,

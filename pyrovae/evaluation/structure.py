@@ -73,6 +73,12 @@ class SiteStructure:
     subsampled: dict = field(default_factory=dict)
     own_scale: object = 1.0
     family: str = ""
+    enumerable: bool = False
+    enumerate: str | None = None
+
+    @property
+    def discrete(self) -> bool:
+        return not self.observed and self.support is not None and self.support.is_discrete
 
     @property
     def scaled(self) -> bool:
@@ -117,6 +123,11 @@ class ModelStructure:
     @property
     def latent_sites(self) -> list[SiteStructure]:
         return [s for s in self.sites.values() if not s.observed]
+
+    @property
+    def discrete_sites(self) -> list[str]:
+        """Discrete latent sites, summed out by enumeration."""
+        return [s.name for s in self.latent_sites if s.discrete]
 
     @property
     def per_point_scales(self) -> dict[str, tuple]:
@@ -172,20 +183,44 @@ def check_structure(
     ValueError
         Naming the site, what is wrong and what to change.
     """
+    from pyrovae.models.modes import evaluation_mode
+
+    _refuse_whole_model_autoguide(guide)
     if probe_rows is not None:
         args, kwargs = _probe_rows(args, kwargs, data_kwargs, probe_rows)
-    with private_randomness(args, kwargs), torch.no_grad(), poutine.block():
+    # In eval mode: dropout draws differ between the vectorized and one-draw runs, and
+    # BatchNorm must not update its running statistics on a probe.
+    quiet = evaluation_mode(model, guide, warn=False)
+    with quiet, private_randomness(args, kwargs), torch.no_grad(), poutine.block():
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
         model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
-        _check_auxiliary(guide_trace)  # whole-model autoguides (pyrovae.models.hybrid)
         sites = {s.name: s for s in check_model_sites(model_trace, data_plate)}
         data_dim = _data_plate_dim(model_trace, data_plate)
         _check_guide(sites, guide_trace, data_plate, data_dim)
         structure = ModelStructure(data_plate, data_dim, max_plate_nesting, True, sites)
+        _check_enumeration(model, guide, args, kwargs, structure)
         structure.why_sequential = _particle_problem(model, guide, args, kwargs, structure)
     structure.vectorized = structure.why_sequential is None
     return structure
+
+
+def _refuse_whole_model_autoguide(guide) -> None:
+    """Pyro's autoguides are not amortized: their parameters are sized on the first call (one
+    set per data point seen then), which per-datapoint estimators on other batches would
+    break or, worse, misalign."""
+    from pyro.infer.autoguide import AutoGuide
+
+    program = getattr(guide, "function", guide)  # a PyroFunction's program
+    program = getattr(program, "__self__", program)
+    if isinstance(program, AutoGuide):
+        raise ValueError(
+            f"the guide is Pyro's {type(program).__name__}, which keeps one set of parameters "
+            "per data point of the data it first saw (it is not amortized), so it cannot give "
+            "per-datapoint bounds on other data or minibatches. Use AmortizedGuide for the "
+            "local latent sites, and pyrovae.models.hybrid.HybridGuide to put an autoguide "
+            "for the global sites beside it"
+        )
 
 
 def _probe_rows(args: tuple, kwargs: dict, data_kwargs, count: int) -> tuple[tuple, dict]:
@@ -285,6 +320,8 @@ def _site_structures(trace, data_plate: str, data_dim: int) -> dict[str, SiteStr
             },
             own_scale=own_scale(site),
             family=_family(fn),
+            enumerable=bool(getattr(fn, "has_enumerate_support", False)),
+            enumerate=site["infer"].get("enumerate"),
         )
     return structures
 
@@ -314,28 +351,31 @@ def _check_sites(sites: dict[str, SiteStructure], data_plate: str) -> None:
                 "an amortized local guide), make it a parameter (pyro.param), or move it "
                 "inside the plate as one variable per data point"
             )
-        if site.support is not None and site.support.is_discrete:
-            raise ValueError(
-                f"latent site {site.name!r} is discrete ({site.family}, support "
-                f"{site.support}): the estimators here need reparameterized (continuous) "
-                "latent sites. Sum it out in the model (e.g. a MixtureSameFamily "
-                "distribution), relax it (RelaxedOneHotCategorical), or fit it with Pyro's "
-                "TraceGraph_ELBO / TraceEnum_ELBO"
-            )
+        if site.discrete:
+            _check_enumerable(site)
 
 
-def _check_auxiliary(guide_trace) -> None:
-    """Refuse a guide with an autoguide's auxiliary site (not a model site), e.g. Pyro's
-    ``AutoDiagonalNormal`` over the whole model."""
-    auxiliary = [n for n, s in _sample_sites(guide_trace).items() if s["infer"].get("is_auxiliary")]
-    if auxiliary:
+def _check_enumerable(site: SiteStructure) -> None:
+    """A discrete latent site is summed out exactly when it can be enumerated in parallel,
+    one variable per data point (directly in the data plate)."""
+    problem = None
+    if not site.enumerable:
+        problem = f"its {site.family} distribution has no finite support to enumerate"
+    elif site.enumerate == "sequential":
+        problem = "it is marked for sequential enumeration"
+    elif site.inner_plates:
+        plates = ", ".join(map(repr, site.inner_plates))
+        problem = (
+            f"it lies in plate(s) {plates} inside the data plate (a discrete variable per "
+            "plate element, e.g. a Markov chain, needs sequential/Markov enumeration)"
+        )
+    if problem is not None:
         raise ValueError(
-            f"the guide samples the auxiliary site(s) {auxiliary} of a Pyro autoguide over the "
-            "model: one draw of it holds the latents of every data point, so there is no "
-            "per-datapoint weight. Guide local sites with AmortizedGuide and global sites "
-            "with pyrovae.models.hybrid.HybridGuide (an autoguide over the global sites "
-            "only); pyrovae.evaluation.global_latents.log_marginal_likelihood estimates "
-            "log p(X) of a whole data set with a whole-model autoguide"
+            f"latent site {site.name!r} is discrete ({site.family}, support {site.support}) "
+            f"and cannot be summed out here: {problem}. The estimators here sum out discrete "
+            "sites by parallel enumeration, one variable per data point; otherwise sum it "
+            "out in the model (e.g. MixtureSameFamily or a forward algorithm), relax it "
+            "(RelaxedOneHotCategorical), or fit it with Pyro's TraceEnum_ELBO / TraceGraph_ELBO"
         )
 
 
@@ -344,6 +384,14 @@ def _check_guide(sites: dict, guide_trace, data_plate: str, data_dim: int) -> No
     for site in sites.values():
         if site.observed or site.name not in guide_sites:
             continue  # a missing guide site is named by the traces' own check
+        if site.discrete:
+            raise ValueError(
+                f"the guide samples the discrete site {site.name!r} ({site.family}): the "
+                "estimators here need reparameterized guide sites, and sum discrete sites out "
+                "exactly in the model instead. Leave it out of the guide (AmortizedGuide does) "
+                "and it is enumerated; a sampled discrete guide needs score-function gradients "
+                "(Pyro's TraceGraph_ELBO)"
+            )
         guide_site = guide_sites[site.name]
         _check_shapes(site, guide_site)
         _check_masks(site, guide_site)
@@ -433,6 +481,36 @@ def _mask_words(mask: torch.Tensor | None) -> str:
     return f"{int(mask.sum())} of {mask.numel()} entries kept"
 
 
+def _check_enumeration(model, guide, args, kwargs, structure: ModelStructure) -> None:
+    """Refuse, naming the sites, a model whose code does not run with its discrete sites
+    enumerated (each gets a dimension of its own, left of the plates)."""
+    discrete = [s.name for s in structure.latent_sites if s.discrete]
+    if not discrete:
+        return
+    try:
+        run_traces(
+            model,
+            guide,
+            args,
+            kwargs,
+            1,
+            structure.data_plate,
+            structure.max_plate_nesting,
+            site_scales=True,
+            vectorized=False,
+        )
+    except Exception as error:  # noqa: BLE001 - reported with its first line
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(
+            f"the model fails with its discrete site(s) {', '.join(map(repr, discrete))} "
+            f"enumerated ({type(error).__name__}: {first}). The estimators here sum them out "
+            "by parallel enumeration, which gives each a dimension of its own left of the "
+            "plates: write the code after them to broadcast over leading dimensions (index "
+            "and expand from the right, e.g. .expand(y.shape + (D,)) rather than "
+            ".expand([N, D]))"
+        ) from error
+
+
 # --------------------------------------------------------------------------- particles
 
 
@@ -479,9 +557,13 @@ def _one_draw_terms(model, guide, args, kwargs, together, k: int, structure) -> 
 
 
 def _close(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Equal up to rounding (non-finite entries must sit at the same places)."""
     tolerance = 1e-9 if first.dtype == torch.float64 else 1e-4
-    scale = 1.0 + float(second.abs().max()) if second.numel() else 1.0
-    return bool(torch.allclose(first, second, rtol=tolerance, atol=tolerance * scale))
+    finite = second[torch.isfinite(second)]
+    scale = 1.0 + float(finite.abs().max()) if finite.numel() else 1.0
+    return bool(
+        torch.allclose(first, second, rtol=tolerance, atol=tolerance * scale, equal_nan=True)
+    )
 
 
 __all__ = [

@@ -119,23 +119,33 @@ def _per_datapoint(
     num_particles: int,
     nesting: int,
     weight=1.0,
+    enum_dims: int = 0,
 ) -> torch.Tensor:
     """Reduce a site's log density, times ``weight`` (a number or a broadcastable tensor), to
-    shape (K, N) by summing every plate dim but the data one."""
+    shape (K, N) by summing every plate dim but the data one; with ``enum_dims`` E > 0 the E
+    enumeration dims left of the particle dim are kept: shape (*enumeration, K, N).
+
+    Masked entries count 0, except at an enumerated site, where they count -log C (C its
+    number of values): a masked discrete variable (an observed label's ``_unobserved``
+    twin, say) is then summed out as a uniform choice that nothing depends on, exactly 0."""
     if not (isinstance(weight, numbers.Number) and weight == 1.0):
         log_prob = log_prob * weight
+    absent = 0.0
+    if site["infer"].get("_enumerate_dim") is not None:
+        absent = -math.log(site["fn"].enumerate_support(expand=False).shape[0])
     if site["mask"] is not None and not isinstance(site["mask"], bool):
-        log_prob = log_prob.masked_fill(~site["mask"], 0.0)
+        log_prob = log_prob.masked_fill(~site["mask"], absent)
     elif site["mask"] is False:
-        log_prob = torch.zeros_like(log_prob)
-    full_dims = nesting + 1
+        log_prob = torch.full_like(log_prob, absent)
+    full_dims = nesting + 1 + enum_dims
     log_prob = log_prob.reshape((1,) * (full_dims - log_prob.dim()) + log_prob.shape)
     data_axis = full_dims + data_dim
-    other_axes = [a for a in range(1, full_dims) if a != data_axis]
+    other_axes = [a for a in range(enum_dims + 1, full_dims) if a != data_axis]
     if other_axes:
         log_prob = log_prob.sum(other_axes, keepdim=True)
-    log_prob = log_prob.reshape(log_prob.shape[0], log_prob.shape[data_axis])
-    return log_prob.expand(num_particles, log_prob.shape[1])
+    leading = log_prob.shape[: enum_dims + 1]
+    log_prob = log_prob.reshape(*leading, log_prob.shape[data_axis])
+    return log_prob.expand(*leading[:-1], num_particles, log_prob.shape[-1])
 
 
 def _site_log_prob(site: dict) -> torch.Tensor:
@@ -223,17 +233,48 @@ def _detached(trace):
 
 
 def trace_pair(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict, alias_latents: bool = False
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    alias_latents: bool = False,
+    first_enum_dim: int | None = None,
 ):
     """Trace the guide, then the model replayed on the guide's draws: (model, guide) traces.
 
     With ``alias_latents`` the model sees autograd aliases of the draws (see
-    :func:`_aliased`) rather than the guide's tensors themselves.
+    :func:`_aliased`) rather than the guide's tensors themselves. With ``first_enum_dim``
+    the model's discrete latent sites that the guide does not sample (and any the model
+    marks ``infer={"enumerate": "parallel"}``) are enumerated in parallel, from that dim
+    leftwards, so that the estimators sum them out exactly (:func:`reduce_terms`).
     """
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     replayed = _aliased(guide_trace) if alias_latents else guide_trace
-    model_trace = poutine.trace(poutine.replay(model, trace=replayed)).get_trace(*args, **kwargs)
+    program = poutine.replay(model, trace=replayed)
+    if first_enum_dim is not None:
+        marked = poutine.infer_config(program, _enumerate_unguided(guide_trace))
+        program = poutine.enum(marked, first_available_dim=first_enum_dim)
+    model_trace = poutine.trace(program).get_trace(*args, **kwargs)
     return model_trace, guide_trace
+
+
+def _enumerate_unguided(guide_trace):
+    """An ``infer_config`` function marking for parallel enumeration every discrete latent
+    sample site of the model that ``guide_trace`` does not sample."""
+
+    def config(msg: dict) -> dict:
+        fn = msg["fn"]
+        if (
+            msg["type"] == "sample"
+            and not msg["is_observed"]
+            and msg["name"] not in guide_trace.nodes
+            and getattr(fn, "has_enumerate_support", False)
+            and "enumerate" not in msg["infer"]
+        ):
+            return {"enumerate": "parallel"}
+        return {}
+
+    return config
 
 
 def resolve_plate_nesting(value) -> int | None:
@@ -293,7 +334,16 @@ class ParticleTraces:
     def __post_init__(self):
         self.model_sites = _sample_sites(self.model_trace)
         self.guide_sites = _sample_sites(self.guide_trace)
-        _check_site_names(self.model_sites, self.guide_sites)
+        self.enumerated = [
+            name
+            for name, site in self.model_sites.items()
+            if site["infer"].get("_enumerate_dim") is not None
+        ]
+        self.enum_dims = max(
+            (-self.model_sites[n]["infer"]["_enumerate_dim"] for n in self.enumerated),
+            default=self.max_plate_nesting + 1,
+        ) - (self.max_plate_nesting + 1)
+        _check_site_names(self.model_sites, self.guide_sites, self.enumerated)
         self.outer_scale, self.scales_inside = self._resolve_scales()
 
     def _resolve_scales(self):
@@ -322,11 +372,19 @@ class ParticleTraces:
 
     @property
     def latent_names(self) -> list[str]:
-        return [name for name, site in self.model_sites.items() if not site["is_observed"]]
+        """The model's latent sites that the guide samples (enumerated ones left out)."""
+        return [
+            name
+            for name, site in self.model_sites.items()
+            if not site["is_observed"] and name not in self.enumerated
+        ]
 
-    def per_datapoint(self, log_prob: torch.Tensor, site: dict, role: str) -> torch.Tensor:
+    def per_datapoint(
+        self, log_prob: torch.Tensor, site: dict, role: str, keep_enumeration: bool = False
+    ) -> torch.Tensor:
         """``log_prob`` times the site's weight (:meth:`site_weight`), summed over every plate
-        dim but the draw and data dims: shape (K, N), nats."""
+        dim but the draw and data dims: shape (K, N), nats; with ``keep_enumeration``,
+        (*enumeration dims, K, N) (a model site's density given enumerated discrete sites)."""
         frame = _data_frame(site, self.data_plate, role)
         return _per_datapoint(
             log_prob,
@@ -335,7 +393,24 @@ class ParticleTraces:
             self.num_particles,
             self.max_plate_nesting,
             self.site_weight(site),
+            self.enum_dims if keep_enumeration else 0,
         )
+
+    def enumerated_group(self) -> tuple[torch.Tensor | None, set[str]]:
+        """(log sum over the enumerated values of the joint density of every model site that
+        depends on an enumerated discrete site, shape (K, N); the names of those sites), or
+        ``(None, set())`` without enumerated sites. Exact: the sum runs over every
+        combination of the enumerated sites' values (one variable per data point each)."""
+        if not self.enumerated:
+            return None, set()
+        total, members = 0.0, set()
+        for name, site in self.model_sites.items():
+            role = "observed model" if site["is_observed"] else "latent model"
+            log_p = self.per_datapoint(_site_log_prob(site), site, role, keep_enumeration=True)
+            if name in self.enumerated or any(size > 1 for size in log_p.shape[:-2]):
+                total, members = total + log_p, members | {name}
+        dims = list(range(self.enum_dims))
+        return torch.logsumexp(total, dim=dims) if dims else total, members
 
     def data_axis(self, site: dict) -> int:
         """Axis of the data plate in ``site["value"]`` (the draw axis is 0)."""
@@ -410,7 +485,9 @@ def run_traces(
     particle_dim = -(max_plate_nesting + 1)
     blocker = poutine.block() if block else contextlib.nullcontext()
     with blocker, pyro.plate(PARTICLE_PLATE, num_particles, dim=particle_dim):
-        model_trace, guide_trace = trace_pair(model, guide, args, kwargs, alias_latents)
+        model_trace, guide_trace = trace_pair(
+            model, guide, args, kwargs, alias_latents, -(max_plate_nesting + 2)
+        )
     size = _data_plate_size(model_trace, data_plate)
     return ParticleTraces(
         model_trace,
@@ -432,7 +509,9 @@ def _single_pass(
     """One draw per data point, without a particle plate (K = 1)."""
     blocker = poutine.block() if block else contextlib.nullcontext()
     with blocker:
-        model_trace, guide_trace = trace_pair(model, guide, args, kwargs, alias_latents)
+        model_trace, guide_trace = trace_pair(
+            model, guide, args, kwargs, alias_latents, -(max_plate_nesting + 2)
+        )
     return ParticleTraces(
         model_trace,
         guide_trace,
@@ -510,16 +589,27 @@ def reduce_terms(
         return ParticleTerms.concatenate(parts, dim=0)
     terms = {name: 0.0 for name in _TERM_NAMES}
     all_analytic = with_kl
+    group, members = traces.enumerated_group()
+    if group is not None:  # log sum_y p(x, y, ... | z): enters like an observed site
+        terms["log_p_obs"] = group
     for name, site in traces.model_sites.items():
+        if name in members and (site["is_observed"] or name in traces.enumerated):
+            continue
         role = "observed" if site["is_observed"] else "latent"
-        log_p = traces.per_datapoint(_site_log_prob(site), site, f"{role} model")
+        log_p = None if name in members else traces.per_datapoint(
+            _site_log_prob(site), site, f"{role} model"
+        )
         if site["is_observed"]:
             terms["log_p_obs"] = terms["log_p_obs"] + log_p
             continue
         guide_site = traces.guide_sites[name]
-        terms["log_p_latent"] = terms["log_p_latent"] + log_p
         log_q = traces.per_datapoint(_site_log_prob(guide_site), guide_site, "guide")
         terms["log_q"] = terms["log_q"] + log_q
+        if log_p is None:  # log p(z | y) is inside the enumerated sum: only -log q remains
+            terms["kl"] = terms["kl"] + log_q
+            all_analytic = False
+            continue
+        terms["log_p_latent"] = terms["log_p_latent"] + log_p
         if not with_kl:
             continue
         kl = _closed_form_kl(guide_site, site)
@@ -539,8 +629,8 @@ def reduce_terms(
     return ParticleTerms(**terms, all_analytic=all_analytic)
 
 
-def _check_site_names(model_sites: dict, guide_sites: dict) -> None:
-    latent = {n for n, s in model_sites.items() if not s["is_observed"]}
+def _check_site_names(model_sites: dict, guide_sites: dict, enumerated=()) -> None:
+    latent = {n for n, s in model_sites.items() if not s["is_observed"] and n not in enumerated}
     missing, extra = sorted(latent - set(guide_sites)), sorted(set(guide_sites) - latent)
     problems = []
     if missing:

@@ -21,7 +21,9 @@ what the estimators need the guide to match (see :mod:`pyrovae.evaluation.struct
 One shared encoder network gives every site's head its features. The result is an ordinary
 Pyro guide, trained and evaluated by
 :class:`pyrovae.models.latent_variable.LatentVariableModel` or by Pyro's own ``SVI``.
-Discrete and global latent sites are refused, naming the site.
+Discrete latent sites get no head: the estimators sum them out exactly by enumerating them
+in the model (one variable per data point; partially observed ones through ``obs_mask``).
+Global latent sites are refused, naming the site.
 """
 
 from __future__ import annotations
@@ -88,9 +90,10 @@ def latent_sites(model: Callable, args: tuple, kwargs: dict, data_plate: str) ->
     with private_randomness(args, kwargs), poutine.block(), torch.no_grad():
         with pyro.get_param_store().scope():  # a function's pyro.param calls leave no trace
             trace = poutine.trace(model).get_trace(*args, **kwargs)
-    sites = []
+    sites, latent = [], 0
     for structure in check_model_sites(trace, data_plate):
-        if structure.observed:
+        latent += not structure.observed
+        if structure.observed or structure.discrete:  # discrete: enumerated in the model
             continue
         for name, (dim, size) in structure.inner_plates.items():
             if structure.subsampled.get(name):
@@ -116,7 +119,7 @@ def latent_sites(model: Callable, args: tuple, kwargs: dict, data_plate: str) ->
                 reads_model=structure.mask is not None or structure.scaled,
             )
         )
-    if not sites:
+    if not latent:
         raise ValueError("the model has no latent sites to guide")
     return sites
 
@@ -160,7 +163,7 @@ class AmortizedGuide(LocalParamsModule):
         super().__init__()
         self.sites = latent_sites(model, example_args, example_kwargs, data_plate)
         self.data_plate = data_plate
-        self.data_dim = _data_dim(self.sites[0])
+        self.data_dim = _data_dim(self.sites[0]) if self.sites else -1
         object.__setattr__(self, "encoder_input", encoder_input)
         object.__setattr__(self, "model", model if any(s.reads_model for s in self.sites) else None)
         width = encoder_input(*example_args, **example_kwargs).shape[-1]

@@ -15,7 +15,12 @@ Pyro's store.
 
 Parameters are created lazily, on the first call:
 :meth:`pyrovae.models.latent_variable.LatentVariableModel.fit` runs one call on a data
-point before building its optimizer, and loading a file restores them by name.
+point before building its optimizer, and loading a file creates them by one call on the
+inputs saved with it (or, for a file without them, restores them by name on first use and
+refuses a mismatch then: :meth:`ParamRegistry.expect`).
+
+:func:`pyro_parameters` names the parameters of a :class:`~pyro.nn.PyroModule` tree as Pyro's
+own ``param`` statements do, so that every fitted value can be read by its Pyro name.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from collections.abc import Callable
 import pyro
 import torch
 from pyro.distributions import constraints
+from pyro.nn import PyroModule
+from pyro.params.param_store import param_with_module_name
 from pyro.poutine.messenger import Messenger
 from torch import nn
 from torch.distributions import transform_to
 
+from pyrovae.checkpoint import CheckpointError
 from pyrovae.models.base import (
     LocalParamsModule,
     is_param_store_statement,
@@ -57,6 +65,73 @@ def _constrained_value(parameter: torch.Tensor, constraint) -> torch.Tensor:
     return value
 
 
+def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    return tuple(tensor.shape)
+
+
+def parameter_mismatch(saved: dict[str, tuple], code: dict[str, tuple]) -> str | None:
+    """What differs between the parameters a file holds and those the code uses (name ->
+    shape each), one clause per kind naming every parameter, or ``None`` when they agree.
+
+    A parameter only in the file and one only in the code with the same shape are reported
+    as a rename (paired in order)."""
+    dropped = [name for name in saved if name not in code]
+    added = [name for name in code if name not in saved]
+    reshaped = [name for name in saved if name in code and saved[name] != code[name]]
+    renamed = []
+    for old in list(dropped):
+        new = next((n for n in added if code[n] == saved[old]), None)
+        if new is not None:
+            renamed.append(f"{old!r} -> {new!r} {saved[old]}")
+            dropped.remove(old)
+            added.remove(new)
+    clauses = [
+        ("renamed (in the file -> in the code, same shape)", renamed),
+        ("added (used by the code, not in the file)", [f"{n!r} {code[n]}" for n in added]),
+        ("dropped (in the file, not used by the code)", [f"{n!r} {saved[n]}" for n in dropped]),
+        (
+            "reshaped (in the file -> in the code)",
+            [f"{n!r} {saved[n]} -> {code[n]}" for n in reshaped],
+        ),
+    ]
+    listed = [f"{kind}: {', '.join(items)}" for kind, items in clauses if items]
+    return "; ".join(listed) or None
+
+
+def pyro_parameters(module: nn.Module, prefix: str | None = None):
+    """``(name, unconstrained tensor, constraint)`` of every parameter of a module tree, named
+    as Pyro's ``param`` statements name them inside a :class:`~pyro.nn.PyroModule`.
+
+    A ``PyroModule``'s own parameter is ``prefix.attribute`` (a ``PyroParam`` its constrained
+    name with its constraint), a plain ``nn.Module`` attribute's parameters are
+    ``prefix.attribute$$$path`` (its ``pyro.module`` statement). ``prefix`` is the root's
+    Pyro name (``""`` for :class:`~pyrovae.models.base.LocalParamsModule` s)."""
+    if prefix is None:
+        prefix = module.__dict__.get("_pyro_name", "") if isinstance(module, PyroModule) else ""
+    pyro_params = module.__dict__.get("_pyro_params", {})
+    for attribute, parameter in module._parameters.items():
+        if parameter is None:
+            continue
+        base = attribute[: -len("_unconstrained")]
+        if attribute.endswith("_unconstrained") and base in pyro_params:
+            yield _joined(prefix, base), parameter, pyro_params[base][0]
+        else:
+            yield _joined(prefix, attribute), parameter, constraints.real
+    for attribute, child in module._modules.items():
+        if child is None:
+            continue
+        if isinstance(child, PyroModule):
+            yield from pyro_parameters(child, _joined(prefix, attribute))
+            continue
+        module_name = _joined(prefix, attribute)  # its pyro.module statement's name
+        for path, parameter in child.named_parameters():
+            yield param_with_module_name(module_name, path), parameter, constraints.real
+
+
+def _joined(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 class ParamRegistry(nn.Module):
     """The parameters of function-style Pyro programs, by Pyro parameter name.
 
@@ -65,6 +140,16 @@ class ParamRegistry(nn.Module):
     ``pyro.module`` or ``PyroModule`` statement is that module's own ``nn.Parameter``
     (training updates the user's module). Values loaded from a file before the first call
     wait in :attr:`pending_` and are copied into each parameter when it first appears.
+
+    Attributes
+    ----------
+    seen_ : dict
+        Pyro name -> (unconstrained tensor, constraint) of every ``param`` statement answered
+        but not registered here (a held owner module's parameters, PyroModules on Pyro's
+        global store), so that every value the programs read has a name.
+    users_, called_ : set of str
+        Roles (``"model"``, ``"guide"``) of the programs sharing this registry, and those
+        that completed a call; :attr:`used_` once every one did.
     """
 
     def __init__(self):
@@ -73,9 +158,65 @@ class ParamRegistry(nn.Module):
         self.pending_: dict[str, torch.Tensor] = {}
         self.adopted_: set[str] = set()
         self.global_store_: set[str] = set()
+        self.seen_: dict[str, tuple[torch.Tensor, constraints.Constraint]] = {}
+        self.users_: set[str] = set()
+        self.called_: set[str] = set()
+        self.expected_: dict[str, tuple[int, ...]] | None = None
+        self.mismatch_: str | None = None
+
+    @property
+    def used_(self) -> bool:
+        """Whether every program sharing the registry has run (its parameters exist)."""
+        return bool(self.users_) and self.called_ >= self.users_
+
+    def expect(self, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+        """Check the parameters against a file's (Pyro name -> shape) at the end of the first
+        call of every program: a parameter the code adds, drops, renames or reshapes raises
+        :class:`~pyrovae.checkpoint.CheckpointError` then, and at every later call."""
+        self.expected_, self.source_ = dict(shapes), source
+        self.called_ = set()
+
+    def after_call(self, role: str) -> None:
+        """Record that the program ``role`` completed a call; on the first complete use
+        after :meth:`expect`, compare the parameters with the file's."""
+        self.called_.add(role)
+        if self.expected_ is None or not self.used_:
+            return
+        code = {name: _shape(self.parameter(name)) for name in self.names()}
+        problem = parameter_mismatch(self.expected_, code)
+        self.expected_ = None
+        if problem is not None:
+            self.mismatch_ = (
+                f"the parameters in {self.source_} do not match the model and guide code: "
+                f"{problem}"
+            )
+            self.check()
+
+    def check(self) -> None:
+        """Raise the mismatch found by :meth:`after_call`, if any."""
+        if self.mismatch_ is not None:
+            raise CheckpointError(self.mismatch_)
+
+    def _pending_fits(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether a value loaded for ``name`` fits a parameter of ``shape``; one that does
+        not is dropped (under :meth:`expect` the mismatch is reported after the call)."""
+        if name not in self.pending_ or _shape(self.pending_[name]) == shape:
+            return True
+        if self.expected_ is None:
+            raise CheckpointError(
+                f"the saved parameter {name!r} has shape {_shape(self.pending_[name])}, the "
+                f"code's {shape}"
+            )
+        del self.pending_[name]
+        return False
 
     def names(self) -> list[str]:
         return [_decode(attribute) for attribute in self._parameters]
+
+    @staticmethod
+    def pyro_name(attribute: str) -> str:
+        """The Pyro name of a parameter held under the attribute (state-dict key) ``attribute``."""
+        return _decode(attribute)
 
     def __contains__(self, name: str) -> bool:
         return _encode(name) in self._parameters
@@ -83,11 +224,12 @@ class ParamRegistry(nn.Module):
     def parameter(self, name: str) -> nn.Parameter:
         return self._parameters[_encode(name)]
 
-    def adopt(self, name: str, parameter: torch.Tensor) -> None:
-        """Own ``parameter`` (a user module's tensor) under ``name``; a value loaded for
-        that name is copied into it first."""
+    def adopt(self, name: str, parameter: torch.Tensor, constraint=constraints.real) -> None:
+        """Own ``parameter`` (a user module's tensor, unconstrained for ``constraint``) under
+        ``name``; a value loaded for that name is copied into it first."""
         if not isinstance(parameter, nn.Parameter) or not parameter.requires_grad:
             return
+        self.constraints_.setdefault(name, constraint)
         current = self._parameters.get(_encode(name))
         if current is parameter:
             return
@@ -96,7 +238,7 @@ class ParamRegistry(nn.Module):
                 f"Pyro parameter name {name!r} names two different tensors (one in each of "
                 "two modules or pyro.module calls); give each module its own name"
             )
-        if name in self.pending_:
+        if name in self.pending_ and self._pending_fits(name, _shape(parameter)):
             with torch.no_grad():
                 parameter.copy_(self.pending_.pop(name))
         self.register_parameter(_encode(name), parameter)
@@ -121,9 +263,14 @@ class ParamRegistry(nn.Module):
         store = pyro.get_param_store()
         parameter = store._params[name]
         self.global_store_.add(name)
+        self.seen_[name] = (parameter, store._constraints[name])
         return _constrained_value(parameter, store._constraints[name])
 
     def _create(self, name: str, init, constraint) -> None:
+        if self.expected_ is not None and name in self.pending_ and init is not None:
+            with torch.random.fork_rng(devices=[]):  # the first call draws as it would have
+                value = init() if callable(init) and not isinstance(init, torch.Tensor) else init
+            self._pending_fits(name, _shape(torch.as_tensor(value)))
         pending = self.pending_.pop(name, None)
         if pending is not None:
             self.register_parameter(_encode(name), nn.Parameter(pending.clone()))
@@ -182,12 +329,13 @@ class RegistryParams(Messenger):
     def _pyro_param(self, msg: dict) -> None:
         """Wrap the statement's function (handlers outside, e.g. ``poutine.lift``, may still
         replace it); a statement another handler already answered is only adopted."""
+        constraint = msg["kwargs"].get("constraint", constraints.real)
         if msg["done"]:
-            self._adopt(msg["name"], msg["value"])
+            self._adopt(msg["name"], msg["value"], constraint)
         elif is_param_store_statement(msg):
             msg["fn"] = self._store_statement
         else:
-            msg["fn"] = self._module_statement(msg["name"], msg["fn"])
+            msg["fn"] = self._module_statement(msg["name"], msg["fn"], constraint)
 
     def _store_statement(self, name: str, init=None, constraint=constraints.real, **_):
         """What ``pyro.param(name, init, constraint)`` returns here."""
@@ -195,6 +343,8 @@ class RegistryParams(Messenger):
         if _is_live_tensor(init) and (id(init) in self.owned or not isinstance(init, nn.Parameter)):
             # pyro.module on a module already held here, or on one whose parameters are
             # substituted (torch.func.functional_call in a compiled step): nothing to own.
+            if isinstance(init, nn.Parameter):
+                self.registry.seen_[name] = (init, constraints.real)
             return unconstrained_handle(init)
         if init is None and id(store._params.get(name)) in self.owned:
             # A PyroParam of a held PyroModule on the global store: its own tensor, in the
@@ -202,21 +352,26 @@ class RegistryParams(Messenger):
             return self.registry.read_store(name)
         return self.registry.constrained(name, init, constraint)
 
-    def _module_statement(self, name: str, statement):
+    def _module_statement(self, name: str, statement, constraint):
         """A module-local PyroModule's stand-in statement, adopting the tensor behind it."""
         answer = with_handle(statement)
 
         def adopted(*args, **kwargs):
             value = answer(*args, **kwargs)
-            self._adopt(name, value)
+            self._adopt(name, value, constraint)
             return value
 
         return adopted
 
-    def _adopt(self, name: str, value) -> None:
+    def _adopt(self, name: str, value, constraint) -> None:
         parameter = unconstrained_parameter(value)
-        if parameter is not None and id(parameter) not in self.owned:
-            self.registry.adopt(name, parameter)
+        if parameter is None:
+            return
+        if id(parameter) in self.owned:
+            if isinstance(parameter, nn.Parameter):
+                self.registry.seen_[name] = (parameter, constraint)
+            return
+        self.registry.adopt(name, parameter, constraint)
 
 
 def _is_live_tensor(value) -> bool:
@@ -246,6 +401,8 @@ class PyroFunction(nn.Module):
     registered_owners : tuple of nn.Module
         Modules another program already holds: a bound method of one of them uses its
         parameters without holding the module a second time.
+    role : str
+        ``"model"`` or ``"guide"``: the registry knows when every program it serves has run.
     """
 
     def __init__(
@@ -254,8 +411,11 @@ class PyroFunction(nn.Module):
         registry: ParamRegistry,
         register: bool = True,
         registered_owners: tuple[nn.Module, ...] = (),
+        role: str = "model",
     ):
         super().__init__()
+        registry.users_.add(role)
+        self.role = role
         if register:
             self.registry = registry
         else:
@@ -278,8 +438,11 @@ class PyroFunction(nn.Module):
     def forward(self, *args, **kwargs):
         owner = self.owner_module()
         owned = frozenset() if owner is None else frozenset(map(id, owner.parameters()))
+        self.registry.check()
         with RegistryParams(self.registry, owned):
-            return self.function(*args, **kwargs)
+            result = self.function(*args, **kwargs)
+        self.registry.after_call(self.role)
+        return result
 
     def extra_repr(self) -> str:
         return f"function={getattr(self.function, '__qualname__', type(self.function).__name__)}"
@@ -295,11 +458,11 @@ def as_pyro_modules(model: Callable, guide: Callable) -> tuple[nn.Module, nn.Mod
         if not callable(program):
             raise TypeError(f"the {role} must be callable, got {type(program).__name__}")
     registry, modules = ParamRegistry(), []
-    for program in (model, guide):
+    for role, program in (("model", model), ("guide", guide)):
         if isinstance(program, LocalParamsModule):
             modules.append(program)
             continue
         wrapped = [m for m in modules if isinstance(m, PyroFunction)]
         owners = tuple(m.owner_module() for m in wrapped if m.owner_module() is not None)
-        modules.append(PyroFunction(program, registry, not wrapped, owners))
+        modules.append(PyroFunction(program, registry, not wrapped, owners, role))
     return modules[0], modules[1]

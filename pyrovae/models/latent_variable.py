@@ -16,21 +16,34 @@ trained, saved and loaded here, never in Pyro's global parameter store.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyro
 import pyro.util
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
+from pyro.nn import PyroModule
+from pyro.params.param_store import ParamStoreDict
 from torch import nn
+from torch.distributions import transform_to
 
 from pyrovae.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from pyrovae.config import TrainConfig
 from pyrovae.evaluation.importance import evaluate
 from pyrovae.evaluation.structure import ModelStructure, check_structure
 from pyrovae.evaluation.traces import particle_terms
-from pyrovae.models.functions import ParamRegistry, PyroFunction, as_pyro_modules
+from pyrovae.models.functions import (
+    ParamRegistry,
+    PyroFunction,
+    as_pyro_modules,
+    parameter_mismatch,
+    pyro_parameters,
+)
 from pyrovae.models.hybrid import is_hybrid
+from pyrovae.models.modes import evaluates, evaluation_mode
 from pyrovae.training import History, fit
 from pyrovae.validation import (
     as_data_tensor,
@@ -42,6 +55,9 @@ from pyrovae.validation import (
 
 class LatentVariableModel(nn.Module):
     """Fit and evaluate a Pyro ``model`` with an amortized ``guide``.
+
+    Fitted values are read by their Pyro names: :meth:`param`, :meth:`named_pyro_params`,
+    and Pyro's own ``pyro.param(name)`` inside ``with fitted.param_store():``.
 
     Parameters
     ----------
@@ -64,6 +80,10 @@ class LatentVariableModel(nn.Module):
         Record, settings and optimizer of the last :meth:`fit`.
     metadata_ : dict
         Free-form JSON-like information saved with the parameters.
+    probe_inputs_ : tuple of torch.Tensor or None
+        The first (at most two) data points of the last :meth:`prepare_parameters` (the
+        training data's); saved with function-style programs so that :meth:`load` can
+        create their parameters and check them against the file before returning.
     """
 
     max_plate_nesting: int | None = None
@@ -78,6 +98,7 @@ class LatentVariableModel(nn.Module):
         self.saved_optimizer_state_: dict | None = None
         self.saved_training_state_: dict | None = None
         self.metadata_: dict = {}
+        self.probe_inputs_: tuple[torch.Tensor, ...] | None = None
 
     @property
     def pyro_params(self) -> ParamRegistry | None:
@@ -198,6 +219,7 @@ class LatentVariableModel(nn.Module):
                 "its attributes from outside, register a plain nn.Module with pyro.module, or "
                 "detach tensors that are meant to stay fixed"
             )
+        self.probe_inputs_ = tuple(t.detach().clone() for t in probe)
 
     def _parameters_used(self, probe: tuple) -> dict[str, torch.Tensor]:
         """Trainable tensor behind every ``param`` site of one guide + model call, and
@@ -220,6 +242,104 @@ class LatentVariableModel(nn.Module):
             if id(leaf) not in named:
                 used[f"<leaf {i}>"] = leaf
         return used
+
+    # -- fitted values by Pyro name ----------------------------------------------------
+    def _pyro_param_table(self) -> dict[str, tuple[torch.Tensor, constraints.Constraint]]:
+        """Pyro name -> (unconstrained tensor, constraint) of every parameter the model and
+        guide name; a name the two programs give different tensors appears as
+        ``"model:name"`` and ``"guide:name"``."""
+        found: dict[str, dict[str, tuple]] = {}
+        for role, program in (("model", self.model), ("guide", self.guide)):
+            if isinstance(program, PyroFunction):  # its module, if a PyroModule; else by call
+                program = program.owner_module()
+            if isinstance(program, PyroModule):
+                for name, tensor, constraint in pyro_parameters(program):
+                    found.setdefault(name, {})[role] = (tensor, constraint)
+        registry = self.pyro_params
+        if registry is not None:
+            for name in registry.names():
+                constraint = registry.constraints_.get(name, constraints.real)
+                found.setdefault(name, {})["registry"] = (registry.parameter(name), constraint)
+            for name, entry in registry.seen_.items():
+                found.setdefault(name, {}).setdefault("registry", entry)
+        table = {}
+        for name, by_role in found.items():
+            tensors = {id(tensor) for tensor, _ in by_role.values()}
+            if len(tensors) == 1:
+                table[name] = next(iter(by_role.values()))
+            else:
+                table.update({f"{role}:{name}": entry for role, entry in by_role.items()})
+        return table
+
+    def named_pyro_params(self) -> dict[str, torch.Tensor]:
+        """Constrained value of every parameter by its Pyro name (see :meth:`param`)."""
+        return {name: self.param(name) for name in self._pyro_param_table()}
+
+    def param(self, name: str) -> torch.Tensor:
+        """The fitted, constrained value of the parameter Pyro calls ``name``: what
+        ``pyro.param(name)`` returns inside the model or guide.
+
+        Names are Pyro's: a ``pyro.param("sigma", ..., constraint=positive)`` statement's
+        ``"sigma"``, a ``pyro.module("decoder", net)`` statement's ``"decoder$$$weight"``,
+        a ``PyroModule`` attribute's ``"decoder.weight"`` (a ``PyroParam`` by its constrained
+        name), a plain module inside one ``"trunk$$$net.0.weight"``. The value is
+        differentiable, as Pyro's: a parameter without constraint is the live
+        ``nn.Parameter`` itself, a constrained one ``transform_to(constraint)`` of it (with
+        ``.unconstrained()``); ``.detach()`` gives a plain tensor.
+
+        Raises
+        ------
+        KeyError
+            An unknown name (the message lists the known ones), or a parameter of a
+            function-style program not created yet (call the model once, e.g.
+            :meth:`elbo`, or fit it).
+        """
+        table = self._pyro_param_table()
+        if name not in table:
+            raise KeyError(self._unknown_param(name, table))
+        tensor, constraint = table[name]
+        value = transform_to(constraint)(tensor)
+        if value is not tensor:
+            value.unconstrained = lambda: tensor
+        return value
+
+    def _unknown_param(self, name: str, table: dict) -> str:
+        registry = self.pyro_params
+        if registry is not None and name in registry.pending_:
+            return (
+                f"parameter {name!r} was loaded but not created yet (its constraint is set by "
+                "its pyro.param statement): call the model once, e.g. fitted.elbo(x)"
+            )
+        qualified = [repr(known) for known in table if known.endswith(f":{name}")]
+        if qualified:
+            return f"{name!r} names different tensors in the model and guide: ask for " + (
+                " or ".join(qualified)
+            )
+        known = ", ".join(map(repr, sorted(table))) or "none"
+        return f"no parameter named {name!r}; known Pyro names: {known}"
+
+    @contextlib.contextmanager
+    def param_store(self) -> Iterator[ParamStoreDict]:
+        """Pyro's global parameter store holding this model's fitted parameters, for the
+        duration of a ``with`` block: inside it, Pyro's own ``pyro.param(name)`` returns the
+        fitted constrained value (computed from the same live unconstrained tensor, as Pyro
+        does), as do ``pyro.get_param_store()[name]`` and its ``items()``.
+
+        The store's previous content is restored on exit (also after an exception): nothing
+        created inside the block leaks into it, and nothing of this model stays there.
+
+        Example
+        -------
+        >>> with fitted.param_store():                                    # doctest: +SKIP
+        ...     sigma = pyro.param("sigma")          # the fitted value, constraint applied
+        """
+        table = self._pyro_param_table()
+        state = {
+            "params": {name: tensor for name, (tensor, _) in table.items()},
+            "constraints": {name: constraint for name, (_, constraint) in table.items()},
+        }
+        with pyro.get_param_store().scope(state):
+            yield pyro.get_param_store()
 
     # -- data --------------------------------------------------------------------------
     def inputs(self, *args, name: str = "data") -> tuple[torch.Tensor, ...]:
@@ -325,6 +445,7 @@ class LatentVariableModel(nn.Module):
         )
 
     # -- evaluation --------------------------------------------------------------------
+    @evaluates("self")
     def elbo_of(
         self,
         inputs: tuple,
@@ -352,6 +473,7 @@ class LatentVariableModel(nn.Module):
         per_draw = terms.log_p_obs - terms.kl if analytic_kl else terms.log_weights
         return per_draw.double().mean(0)
 
+    @evaluates("self")
     def evaluate_of(self, inputs: tuple, **options):
         """:func:`pyrovae.evaluation.importance.evaluate` of already validated inputs."""
         options = sampling_options(options)  # NumPy values accepted, checked before drawing
@@ -363,6 +485,7 @@ class LatentVariableModel(nn.Module):
             )
         return evaluate(self.model, self.guide, *inputs, data_plate=self.data_plate, **options)
 
+    @evaluates("self")
     def elbo(
         self,
         *args,
@@ -375,6 +498,7 @@ class LatentVariableModel(nn.Module):
         KL term in closed form with ``analytic_kl`` where the guide and prior allow it."""
         return self.elbo_of(self.inputs(*args), num_samples, analytic_kl, seed, max_pairs)
 
+    @evaluates("self")
     def evaluate(
         self,
         *args,
@@ -433,7 +557,15 @@ class LatentVariableModel(nn.Module):
             "train_config": None if self.train_config_ is None else self.train_config_.to_dict(),
             "optimizer_state": optimizer_state,
             "history": None if self.history_ is None else list(self.history_.records),
+            "probe_inputs": self._saved_probe(),
         }
+
+    def _saved_probe(self) -> list[torch.Tensor] | None:
+        """The probe inputs, for function-style programs (whose parameters are created by a
+        call): tensors only, as the file allows."""
+        if self.pyro_params is None or self.probe_inputs_ is None:
+            return None
+        return [t.detach() for t in self.probe_inputs_]
 
     def save(
         self,
@@ -445,7 +577,9 @@ class LatentVariableModel(nn.Module):
         """Write parameters, optimizer state and history to one file (atomically); a
         ``training_state`` (from :func:`pyrovae.training.fit`, or kept from :meth:`load`)
         makes it resumable. The file holds tensors and plain data only: loading it never
-        runs code (``torch.load(weights_only=True)``), and the model's code is not in it."""
+        runs code (``torch.load(weights_only=True)``), and the model's code is not in it.
+        With function-style programs it also holds the first (at most two) training data
+        points, on which :meth:`load` creates and checks their parameters."""
         payload = self.payload(metadata, training_state, include_training_state)
         return write_checkpoint(payload, path)
 
@@ -463,8 +597,17 @@ class LatentVariableModel(nn.Module):
 
         The file holds no code: pass the same model and guide (functions, modules or an
         :class:`~pyrovae.models.autoguide.AmortizedGuide` built as before) and their
-        parameters, history, optimizer and resume state are restored by name. Parameters
-        of function-style programs are restored on their first use.
+        parameters, history, optimizer and resume state are restored by name.
+
+        The code's parameters must be the file's: one that the code renames, adds, drops or
+        reshapes raises :class:`~pyrovae.checkpoint.CheckpointError` naming each, before
+        this returns. Function-style programs create their parameters on their first call;
+        the file holds their first (at most two) training data points, on which the
+        programs run once here (random state and Pyro's parameter store left unchanged) to
+        create them. Files written before the probe inputs were saved still load; their
+        function-style parameters are restored by name on first use, and a mismatch raises
+        :class:`~pyrovae.checkpoint.CheckpointError` at the end of the first call of model
+        and guide (and at every call after).
 
         Example
         -------
@@ -477,20 +620,53 @@ class LatentVariableModel(nn.Module):
         return model.load_state(path, allow_nonfinite=allow_nonfinite)
 
     def check_resumable(self, payload: dict, path) -> None:
-        """Raise unless ``payload``'s parameters fit this model exactly (names and shapes)."""
-        saved = {name: tuple(t.shape) for name, t in payload["model_state"].items()}
-        mine = {name: tuple(t.shape) for name, t in self.state_dict().items()}
-        for name in set(saved) - set(mine):  # not created yet: restored on first use
-            if name.startswith(("model.registry.", "guide.registry.")):
-                mine[name] = saved[name]
-        if saved != mine:
-            raise ValueError(f"cannot resume: the parameters in {path} do not match this model")
+        """Raise ``ValueError`` naming every parameter of ``payload`` that this model's code
+        renames, adds, drops or reshapes.
+
+        Parameters of function-style programs that have not run yet (a file without probe
+        inputs) are checked at their first use instead (:meth:`ParamRegistry.expect`)."""
+        registry = self.pyro_params
+        saved = _pyro_names({n: tuple(t.shape) for n, t in payload["model_state"].items()})
+        mine = _pyro_names({n: tuple(t.shape) for n, t in self.state_dict().items()})
+        if registry is not None and not registry.used_:
+            later = {n[1:]: shape for n, shape in saved.items() if n.startswith("@")}
+            saved = {n: shape for n, shape in saved.items() if not n.startswith("@")}
+            mine = {n: shape for n, shape in mine.items() if not n.startswith("@")}
+            registry.expect(later, path)
+        problem = parameter_mismatch(_shown(saved), _shown(mine))
+        if problem is not None:
+            raise ValueError(
+                f"the parameters in {path} do not match the model and guide code: {problem}"
+            )
+
+    def create_saved_parameters(self, payload: dict) -> None:
+        """Create the parameters of function-style programs by one call on the probe inputs
+        a file holds (see :meth:`prepare_parameters`), so that they can be checked against
+        the file's before it is loaded; nothing to do without them."""
+        probe = payload.get("probe_inputs")
+        registry = self.pyro_params
+        if probe is None or registry is None or registry.used_:
+            return
+        if not isinstance(probe, list | tuple) or not all(
+            isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) for t in probe
+        ):
+            raise TypeError("the probe inputs are not a list of tensors with data rows")
+        try:
+            with evaluation_mode(self, warn=False):  # no batch statistics updated, no dropout
+                self.prepare_parameters(*probe)
+        except Exception as error:
+            raise ValueError(
+                f"the model and guide fail on the first data points saved in the file "
+                f"({type(error).__name__}: {error})"
+            ) from error
 
     def load_state(self, path: str | Path, allow_nonfinite: bool = False) -> LatentVariableModel:
         """Load parameters, history and settings saved by :meth:`save` into this model
-        (NaN or infinite parameters are refused unless ``allow_nonfinite``)."""
+        (NaN or infinite parameters are refused unless ``allow_nonfinite``); see
+        :meth:`load` for the check of the parameters' names and shapes."""
         payload = read_checkpoint(path, device=self.device, allow_nonfinite=allow_nonfinite)
         try:
+            self.create_saved_parameters(payload)
             self.check_resumable(payload, path)
             self.load_state_dict(payload["model_state"])
             self.restore_records(payload)
@@ -513,6 +689,21 @@ class LatentVariableModel(nn.Module):
             raise TypeError(f"training state is a {type(training_state).__name__}")
         self.saved_training_state_ = training_state
         self.metadata_ = dict(payload.get("metadata") or {})
+
+
+def _pyro_names(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """State-dict names with a registry's parameters as ``"@"`` + their Pyro name."""
+    named = {}
+    for key, shape in shapes.items():
+        role, _, rest = key.partition(".")
+        if role in ("model", "guide") and rest.startswith("registry."):
+            key = "@" + ParamRegistry.pyro_name(rest[len("registry.") :])
+        named[key] = shape
+    return named
+
+
+def _shown(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    return {name.removeprefix("@"): shape for name, shape in shapes.items()}
 
 
 def _cuda_devices(tensors: tuple) -> list[int]:
