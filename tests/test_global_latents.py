@@ -195,13 +195,17 @@ def test_conditional_evaluation_matches_log_p_x_given_the_plug_in(x):
     guide = HybridGuide(model, x[:4], hidden_sizes=())
     mean, sd = posterior_of_mu(x)
     set_guide(guide, x, mean, sd)
+    with torch.no_grad():  # a local guide wider and shifted: the weights vary
+        guide.local_guide.raw_scales["z"].bias.add_(0.5)
+        guide.local_guide.locs["z"].bias.add_(0.2)
     fitted = LatentVariableModel(model, guide)
     result = fitted.evaluate(x, num_samples=200, ks=(1, 10), seed=0)
     assert isinstance(result, ConditionalEvaluation)
     assert "conditional" in result.table() and f"mu = {mean:.4g}" in result.table()
     exact = dist.Normal(mean, math.sqrt(V)).log_prob(x).numpy()
     error = result.per_datapoint["log_px"] - exact
-    assert (abs(error) < 4 * result.per_datapoint["log_px_se"] + 1e-9).all()
+    assert (abs(error) < 4 * result.per_datapoint["log_px_se"]).all()
+    assert result.per_datapoint["log_px_se"].min() > 1e-3  # a real Monte Carlo check
     elbo = fitted.elbo(x, num_samples=50, seed=0)  # the same conditional model: ELBO <= log p
     assert float(elbo.mean()) <= float(exact.mean()) + 1e-9
     given = evaluate_conditional(model, guide, x, plug_in={"mu": 0.0}, num_samples=50, seed=0)
