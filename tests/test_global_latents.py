@@ -293,3 +293,16 @@ def test_other_elbo_objectives_train_with_global_sites(x, objective):
     se = float(per_epoch.std() / math.sqrt(len(per_epoch)))
     assert abs(float(per_epoch.mean()) - closed_form_elbo(guide, x) / x.shape[0]) < 4 * se
     assert history.column("valid_elbo")[-1] is not None  # conditional on the median of q(mu)
+
+
+def test_a_given_autoguide_instance_trains_saves_and_loads(x, tmp_path):
+    """The autoguide may be built by the user on the blocked model; the fitted pair
+    round-trips through save/load with the same plug-in value and conditional ELBO."""
+    global_guide = AutoNormal(poutine.block(model, expose=["mu"]))
+    fitted = LatentVariableModel(model, HybridGuide(model, x[:4], global_guide=global_guide))
+    fitted.fit(x, epochs=2, batch_size=10, learning_rate=1e-2, progress=False, compile="none")
+    assert len(pyro.get_param_store()) == 0  # the autoguide's parameters are the model's own
+    fitted.save(tmp_path / "model.pt")
+    again = LatentVariableModel.load(tmp_path / "model.pt", model, HybridGuide(model, x[:4]))
+    assert torch.equal(again.guide.plug_in(x[:2])["mu"], fitted.guide.plug_in(x[:2])["mu"])
+    assert torch.equal(again.elbo(x, seed=1), fitted.elbo(x, seed=1))
