@@ -351,6 +351,7 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
             traceable=True,
             **options,
         )
+        objective = vae.training_objective(objective, train[0].shape[0])  # global sites
         eager = objective(vae.model, vae.guide)
         step = CompiledStep(eager, backend="graph")
         problem = _trace_problem(step, eager, train, config, parallel)
@@ -373,6 +374,7 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
         traceable=compiled or bool(structure.discrete_sites),
         **options,
     )
+    objective = vae.training_objective(objective, train[0].shape[0])  # global sites
     loss_module = objective(vae.model, vae.guide)
     if compiled:
         return objective, CompiledStep(loss_module, backend=mode), mode

@@ -228,7 +228,8 @@ def _refuse_whole_model_autoguide(guide) -> None:
             f"the guide is Pyro's {type(program).__name__}, which keeps one set of parameters "
             "per data point of the data it first saw (it is not amortized), so it cannot give "
             "per-datapoint bounds on other data or minibatches. Use AmortizedGuide for the "
-            "local latent sites (an autoguide can guide global sites beside it)"
+            "local latent sites, and pyrovae.models.hybrid.HybridGuide to put an autoguide "
+            "for the global sites beside it"
         )
 
 
@@ -355,8 +356,10 @@ def _check_sites(sites: dict[str, SiteStructure], data_plate: str) -> None:
             raise ValueError(
                 f"latent site {site.name!r} is global (outside the data plate {data_plate!r}): "
                 "it couples the data points, so it has no per-datapoint weight, and minibatch "
-                "training would count its KL once per minibatch. Make it a parameter "
-                "(pyro.param), or move it inside the plate as one variable per data point"
+                "training would count its KL once per minibatch. Guide it with "
+                "pyrovae.models.hybrid.HybridGuide (a global guide such as AutoNormal beside "
+                "an amortized local guide), make it a parameter (pyro.param), or move it "
+                "inside the plate as one variable per data point"
             )
         # A discrete site is enumerated unless the guide samples it (see _check_guide).
 

@@ -42,6 +42,7 @@ from pyrovae.models.functions import (
     parameter_mismatch,
     pyro_parameters,
 )
+from pyrovae.models.hybrid import is_hybrid
 from pyrovae.models.modes import evaluates, evaluation_mode
 from pyrovae.training import History, fit
 from pyrovae.validation import (
@@ -138,8 +139,7 @@ class LatentVariableModel(nn.Module):
         cache = self.__dict__.setdefault("_structures", {})
         if key not in cache:
             cache[key] = check_structure(
-                self.model,
-                self.guide,
+                *self.per_point_programs(*inputs),
                 *inputs,
                 data_plate=self.data_plate,
                 max_plate_nesting=self.max_plate_nesting,
@@ -385,6 +385,34 @@ class LatentVariableModel(nn.Module):
         cls = OBJECTIVES[config.objective]
         if issubclass(cls, ParticleObjective) and not cls.linear:
             structure.require_common_scale(f"objective={config.objective!r}")
+        if is_hybrid(self.guide):  # global latent sites (pyrovae.models.hybrid)
+            from pyrovae.objectives.global_latents import refuse_nonlinear
+
+            refuse_nonlinear(config.objective, not issubclass(cls, ParticleObjective) or cls.linear)
+
+    # -- global latent sites (pyrovae.models.hybrid) -------------------------------------
+    def per_point_programs(self, *inputs: torch.Tensor) -> tuple:
+        """The model and guide whose per-datapoint bounds :meth:`elbo` and :meth:`evaluate`
+        report: the model and guide themselves; with a
+        :class:`~pyrovae.models.hybrid.HybridGuide`, the model *conditioned* on the global
+        sites at the global guide's median (hidden) and the local guide, so that the bounds
+        are of log p(x_n | theta_hat)."""
+        if not is_hybrid(self.guide):
+            return self.model, self.guide
+        values = self.guide.plug_in(*inputs[: min(2, inputs[0].shape[0])])
+        return self.guide.conditioned(self.model, values), self.guide.local_guide
+
+    def training_objective(self, objective, num_data: int):
+        """The objective ``fit`` trains with: ``objective`` itself, or, with a
+        :class:`~pyrovae.models.hybrid.HybridGuide`, its
+        :class:`~pyrovae.objectives.global_latents.GlobalLatentELBO` over ``num_data``
+        training points (each global KL counted once per data set)."""
+        if not is_hybrid(self.guide):
+            return objective
+        from pyrovae.objectives.global_latents import GlobalLatentELBO, as_particle_objective
+
+        local = as_particle_objective(objective, self.data_plate)
+        return GlobalLatentELBO(local, num_data=num_data)
 
     def fit(
         self,
@@ -433,8 +461,7 @@ class LatentVariableModel(nn.Module):
         if seed is not None:
             pyro.set_rng_seed(seed)
         terms = particle_terms(
-            self.model,
-            self.guide,
+            *self.per_point_programs(*inputs),
             *inputs,
             num_particles=num_samples,
             data_plate=self.data_plate,
@@ -450,6 +477,12 @@ class LatentVariableModel(nn.Module):
     def evaluate_of(self, inputs: tuple, **options):
         """:func:`pyrovae.evaluation.importance.evaluate` of already validated inputs."""
         options = sampling_options(options)  # NumPy values accepted, checked before drawing
+        if is_hybrid(self.guide):  # global latent sites: conditional on a stated plug-in value
+            from pyrovae.evaluation.global_latents import evaluate_conditional
+
+            return evaluate_conditional(
+                self.model, self.guide, *inputs, data_plate=self.data_plate, **options
+            )
         return evaluate(self.model, self.guide, *inputs, data_plate=self.data_plate, **options)
 
     @evaluates("self")
