@@ -268,7 +268,7 @@ def global_model(x):
 
 
 def test_global_latents_are_refused_before_any_training_step(float64):
-    x = torch.randn(20, 2)
+    x = torch.randn(20, 1)
 
     def guide(x):
         scale = pyro.param("scale", torch.tensor(1.0), constraint=dist.constraints.positive)
@@ -292,7 +292,7 @@ def weighted_model(x, weights):
 
 def test_per_datapoint_weights_train_and_validate_with_elbos_and_are_refused_by_iwae(float64):
     torch.manual_seed(4)
-    x, weights = torch.randn(40, 2), torch.rand(40) + 0.5
+    x, weights = torch.randn(40, 1), torch.rand(40) + 0.5
     guide = AmortizedGuide(weighted_model, x[:3], weights[:3], hidden_sizes=(8,))
     fitted = LatentVariableModel(weighted_model, guide)
     before = {k: v.clone() for k, v in fitted.state_dict().items()}
@@ -390,3 +390,26 @@ def test_a_randomly_subsampled_inner_plate_keeps_the_vectorized_path(float64):
             pyro.sample("z", dist.Normal(x.mean(-1, keepdim=True), 1.0))
 
     assert check_structure(model, guide, x).vectorized
+
+
+def test_a_data_plate_subsampled_in_the_model_scales_the_amortized_guide_alike(float64):
+    """The model declares N points and receives B of them; log q must be scaled by N / B as
+    log p is, else the loss is wrong without an error (Pyro's Trace_ELBO included)."""
+    x = torch.randn(12, 1)
+
+    def model(x, index):
+        with pyro.plate("data", 60, subsample=index):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z[..., None], NOISE).to_event(1), obs=x)
+
+    index = torch.arange(12)
+    guide = AmortizedGuide(model, x[:3], index[:3], hidden_sizes=(4,))
+    trace = poutine.trace(guide).get_trace(x, index)
+    assert trace.nodes["z"]["scale"] == pytest.approx(60 / 12)
+
+    def unscaled_guide(x, index):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x[:, 0], 1.0))
+
+    with pytest.raises(ValueError, match="'z' is scaled differently"):
+        check_structure(model, unscaled_guide, x, index)

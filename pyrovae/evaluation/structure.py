@@ -71,7 +71,7 @@ class SiteStructure:
     scale_shape: tuple | None
     data_dim: int | None
     subsampled: dict = field(default_factory=dict)
-    own_scale: object = 1.0
+    scale: object = 1.0
     family: str = ""
     enumerable: bool = False
     enumerate: str | None = None
@@ -82,8 +82,8 @@ class SiteStructure:
 
     @property
     def scaled(self) -> bool:
-        """Whether ``poutine.scale`` (beyond plate subsampling) weights the site."""
-        scale = self.own_scale
+        """Whether the site's log density is weighted (``poutine.scale``, plate subsampling)."""
+        scale = self.scale
         return not (isinstance(scale, (int, float)) and scale == 1.0)
 
     @property
@@ -268,16 +268,6 @@ def check_model_sites(model_trace, data_plate: str) -> list[SiteStructure]:
     return list(sites.values())
 
 
-def own_scale(site: dict):
-    """A site's scale without the subsampling scales of its plates: the product of the
-    ``poutine.scale`` factors around it."""
-    scale = site["scale"]
-    for frame in site["cond_indep_stack"]:
-        if frame.full_size is not None and frame.full_size != frame.size:
-            scale = scale / (frame.full_size / frame.size)
-    return scale
-
-
 def _sample_sites(trace) -> dict:
     return {
         name: site
@@ -328,7 +318,7 @@ def _site_structures(trace, data_plate: str, data_dim: int) -> dict[str, SiteStr
                 f.name: f.full_size is not None and f.full_size != f.size
                 for f in site["cond_indep_stack"]
             },
-            own_scale=own_scale(site),
+            scale=site["scale"],
             family=_family(fn),
             enumerable=bool(getattr(fn, "has_enumerate_support", False)),
             enumerate=site["infer"].get("enumerate"),
@@ -451,7 +441,7 @@ def _check_masks(site: SiteStructure, guide_site: dict) -> None:
 
 
 def _check_scales(site: SiteStructure, guide_site: dict) -> None:
-    model_scale, guide_scale = site.own_scale, own_scale(guide_site)
+    model_scale, guide_scale = site.scale, guide_site["scale"]
     if _same_weights(model_scale, guide_scale):
         return
     raise ValueError(
@@ -587,6 +577,5 @@ __all__ = [
     "SiteStructure",
     "check_model_sites",
     "check_structure",
-    "own_scale",
     "private_randomness",
 ]

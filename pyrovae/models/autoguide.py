@@ -43,7 +43,6 @@ from torch.distributions import biject_to
 from pyrovae.evaluation.structure import (
     check_enumerable,
     check_model_sites,
-    own_scale,
     private_randomness,
 )
 from pyrovae.models.base import LocalParamsModule
@@ -222,7 +221,7 @@ class AmortizedGuide(LocalParamsModule):
         for site in self.sites:
             node = trace.nodes[site.name]
             sizes = {f.name: f.size for f in node["cond_indep_stack"]}
-            read[site.name] = (node["mask"], own_scale(node), sizes)
+            read[site.name] = (node["mask"], node["scale"], sizes)
         return read
 
     def _check_inner_sizes(self, site: LatentSite, read) -> None:
