@@ -413,3 +413,51 @@ def test_a_data_plate_subsampled_in_the_model_scales_the_amortized_guide_alike(f
 
     with pytest.raises(ValueError, match="'z' is scaled differently"):
         check_structure(model, unscaled_guide, x, index)
+
+
+def masked_by_input(x, keep):
+    """The mask arrives as a bool input and goes straight to poutine.mask."""
+    with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("time", x.shape[1], dim=-1):
+        with poutine.mask(mask=keep):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(1.3 * z, NOISE), obs=x)
+
+
+def test_a_bool_mask_input_keeps_its_dtype_and_ais_follows_a_dim_minus_two_plate(float64):
+    from pyrovae.evaluation.ais import ais
+
+    x, lengths, exact = padded_data(12)
+    keep = torch.arange(4) < lengths[:, None]
+    guide = AmortizedGuide(masked_by_input, x[:3], keep[:3], hidden_sizes=(8,))
+    fitted = fitted_guide(masked_by_input, guide, x, keep)
+    assert fitted.inputs(x, keep)[1].dtype == torch.bool
+    result = ais(fitted.model, fitted.guide, x, keep, num_steps=20, num_chains=8, seed=0)
+    difference = result.log_px - exact.numpy()
+    assert abs(difference.mean()) < 4 * math.sqrt(float(np.sum(result.log_px_se**2))) / 12 + 0.02
+
+
+class BatchNormGuide(torch.nn.Module):
+    """A guide with BatchNorm1d in its encoder (batch statistics in training, running
+    statistics in evaluation; the probes run in eval mode, so one or two rows are fine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Sequential(
+            torch.nn.Linear(1, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 4)
+        )
+
+    def forward(self, x):
+        pyro.module("encoder", self.encoder)
+        loc, raw = self.encoder(x).chunk(2, -1)
+        with pyro.plate("documents", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, F.softplus(raw) + 1e-3).to_event(1))
+
+
+def test_a_batchnorm_guide_trains_and_evaluates(float64):
+    torch.manual_seed(6)
+    x = torch.randn(40, 1) * 2
+    fitted = LatentVariableModel(documents_model, BatchNormGuide(), data_plate="documents")
+    history = fitted.fit(x, x, epochs=3, batch_size=20, compile="none", progress=False)
+    assert np.isfinite(history.column("valid_elbo")).all()
+    result = fitted.evaluate(x, num_samples=50, ks=(1,), seed=0, latent_diagnostics=False)
+    assert np.isfinite(result.per_datapoint["log_px"]).all()
