@@ -339,8 +339,12 @@ def check_observed_support(
 def _trace_on_data(model, part: tuple, inputs: tuple, name: str):
     """The trace of ``model(*part)``; a shape or value error of the model's code on the data
     becomes one line naming the data's shapes."""
+    from pyrovae.checkpoint import CheckpointError
+
     try:
         return poutine.trace(model).get_trace(*part)
+    except CheckpointError:  # the code does not match a loaded file: its own message
+        raise
     except (RuntimeError, ValueError, IndexError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise ValueError(

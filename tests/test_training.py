@@ -184,7 +184,7 @@ def test_resolve_device():
             resolve_device("cuda")
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda:0")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="unknown device 'not-a-device'"):
         resolve_device("not-a-device")
 
 
