@@ -89,3 +89,44 @@ def test_verbose_speaks_of_epochs_only_for_train(capsys):
     verbose = {c: t[t.index("--verbose") :][:160] for c, t in texts.items()}
     assert "one line per epoch" in verbose["train"]
     assert "epoch" not in verbose["evaluate"] and "epoch" not in verbose["sample"]
+
+
+def test_python_evaluate_uses_one_thread_for_a_small_model_unless_chosen(monkeypatch):
+    """The library's own default never oversubscribes: one torch thread for a small model
+    during evaluate, torch's setting restored afterwards; a user's choice is kept."""
+    import pyro
+    import pyro.distributions as dist
+    import torch
+
+    from pyrovae import training
+    from pyrovae.models.autoguide import AmortizedGuide
+    from pyrovae.models.latent_variable import LatentVariableModel
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    x = torch.randn(10)
+    fitted = LatentVariableModel(model, AmortizedGuide(model, x[:3], encoder_input=lambda x: x[:, None]))
+    seen = []
+    original = fitted.evaluate_of
+
+    def record(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fitted, "evaluate_of", record)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(training, "_TORCH_DEFAULT_THREADS", 4)
+    monkeypatch.setattr(training, "_chosen_threads", None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)  # torch's default on a 4-core machine, say
+    try:
+        fitted.evaluate(x, num_samples=5, ks=(1,), latent_diagnostics=False)
+        assert seen == [1] and torch.get_num_threads() == 4
+        torch.set_num_threads(3)  # a choice of the user's: kept
+        fitted.evaluate(x, num_samples=5, ks=(1,), latent_diagnostics=False)
+        assert seen == [1, 3]
+    finally:
+        torch.set_num_threads(before)

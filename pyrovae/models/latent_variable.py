@@ -44,7 +44,7 @@ from pyrovae.models.functions import (
 )
 from pyrovae.models.hybrid import is_hybrid
 from pyrovae.models.modes import evaluates, evaluation_mode
-from pyrovae.training import History, fit
+from pyrovae.training import History, fit, thread_default
 from pyrovae.validation import (
     as_data_tensor,
     check_observed_support,
@@ -495,8 +495,10 @@ class LatentVariableModel(nn.Module):
         max_pairs: int = 2**20,
     ) -> torch.Tensor:
         """Per-datapoint evidence lower bound, in nats (higher is better), shape (N,); the
-        KL term in closed form with ``analytic_kl`` where the guide and prior allow it."""
-        return self.elbo_of(self.inputs(*args), num_samples, analytic_kl, seed, max_pairs)
+        KL term in closed form with ``analytic_kl`` where the guide and prior allow it. Runs
+        with :func:`pyrovae.training.thread_default` torch threads unless you chose."""
+        with thread_default(self, progress=False):
+            return self.elbo_of(self.inputs(*args), num_samples, analytic_kl, seed, max_pairs)
 
     @evaluates("self")
     def evaluate(
@@ -513,19 +515,22 @@ class LatentVariableModel(nn.Module):
         float64_fallback: bool = True,
     ):
         """Importance-sampled log-likelihood, ELBOs and IWAE_k bounds per data point (see
-        :func:`pyrovae.evaluation.importance.evaluate`)."""
-        return self.evaluate_of(
-            self.inputs(*args),
-            num_samples=num_samples,
-            ks=ks,
-            seed=seed,
-            max_pairs=max_pairs,
-            latent_diagnostics=latent_diagnostics,
-            progress=progress,
-            memory_budget=memory_budget,
-            drop_large_ks=drop_large_ks,
-            float64_fallback=float64_fallback,
-        )
+        :func:`pyrovae.evaluation.importance.evaluate`). Runs with
+        :func:`pyrovae.training.thread_default` torch threads unless you chose (one for a
+        model under a million parameters: more only contend on a busy machine)."""
+        with thread_default(self, progress):
+            return self.evaluate_of(
+                self.inputs(*args),
+                num_samples=num_samples,
+                ks=ks,
+                seed=seed,
+                max_pairs=max_pairs,
+                latent_diagnostics=latent_diagnostics,
+                progress=progress,
+                memory_budget=memory_budget,
+                drop_large_ks=drop_large_ks,
+                float64_fallback=float64_fallback,
+            )
 
     # -- files -------------------------------------------------------------------------
     def payload(
