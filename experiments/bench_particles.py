@@ -35,8 +35,9 @@ import torch.nn.functional as F  # noqa: E402
 from pyrovae.evaluation.importance import evaluate  # noqa: E402
 
 LOADINGS = torch.tensor([[1.0, 0.5, 2.0, 0.0, -1.0], [-0.5, 1.0, 0.0, 1.0, 1.0]]).T  # (5, 2)
-OFFSETS = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 1.0], [-2.0, -1.0, 0.0], [1.0, 1.0, 1.0],
-                        [0.0, -2.0, 2.0]])  # (5, 3): one column per label
+OFFSETS = torch.tensor(
+    [[2.0, 0.0, -1.0], [0.0, 1.0, 1.0], [-2.0, -1.0, 0.0], [1.0, 1.0, 1.0], [0.0, -2.0, 2.0]]
+)  # (5, 3): one column per label
 MIXING = torch.cat([LOADINGS, OFFSETS], dim=1)  # x = MIXING [z, onehot(y)] + noise
 
 
@@ -64,8 +65,9 @@ def timed(model, data, num_samples: int) -> tuple[float, float]:
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the one-per-pass note
-        result = evaluate(model, guide, *data, num_samples=num_samples, ks=(1,), seed=0,
-                          latent_diagnostics=False)
+        result = evaluate(
+            model, guide, *data, num_samples=num_samples, ks=(1,), seed=0, latent_diagnostics=False
+        )
     return time.perf_counter() - started, float(result.per_datapoint["log_px"].mean())
 
 
@@ -87,8 +89,10 @@ def main() -> None:
         for name in order:
             seconds, means[name] = timed(variants[name], (x, y), options.num_samples)
             times[name].append(seconds)
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread; "
-          f"K = {options.num_samples}, {options.num_points} points, {options.rounds} rounds")
+    print(
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 1 thread; "
+        f"K = {options.num_samples}, {options.num_points} points, {options.rounds} rounds"
+    )
     print(f"{'variant':<20} {'median s':>9} {'min-max s':>15} {'mean log p_hat':>15}")
     for name, values in times.items():
         spread = f"{min(values):.3f}-{max(values):.3f}"

@@ -615,8 +615,7 @@ def _is_positive_number(value) -> bool:
 def _check_finite(payload: dict, path: Path) -> None:
     """Refuse NaN or infinite parameters and optimizer moments."""
     tensors = [
-        (f"parameter {name!r}", value)
-        for name, value in (payload.get("model_state") or {}).items()
+        (f"parameter {name!r}", value) for name, value in (payload.get("model_state") or {}).items()
     ]
     optimizer = payload.get("optimizer_state") or {}
     for index, moments in (optimizer.get("state") or {}).items():

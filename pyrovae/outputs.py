@@ -185,9 +185,7 @@ def write_file(
         )
         text = kind in _TEXT_KINDS
         with (
-            open(descriptor, "w", encoding="utf-8", newline="")
-            if text
-            else open(descriptor, "wb")
+            open(descriptor, "w", encoding="utf-8", newline="") if text else open(descriptor, "wb")
         ) as handle:
             write(handle)
             handle.flush()

@@ -63,9 +63,7 @@ def integer_tuple(values, name: str) -> tuple:
             )
         values = values.tolist()
     if isinstance(values, (str, bytes, dict, set, frozenset)) or not hasattr(values, "__iter__"):
-        raise ValueError(
-            f"{name} must be a sequence of integers (a tuple or list), got {values!r}"
-        )
+        raise ValueError(f"{name} must be a sequence of integers (a tuple or list), got {values!r}")
     return tuple(plain(value) for value in values)
 
 
@@ -372,7 +370,7 @@ def _check_value_shape(site: dict, inputs: tuple, name: str) -> None:
     expected = batch + event
     fits = len(shape) >= len(event) and shape[len(shape) - len(event) :] == event
     fits = fits and all(
-        i == j or 1 in (i, j) for i, j in zip(reversed(shape), reversed(expected))
+        i == j or 1 in (i, j) for i, j in zip(reversed(shape), reversed(expected), strict=False)
     )
     if not fits:
         data = "" if _shapes(inputs) == str(shape) else f" (data of shape {_shapes(inputs)})"

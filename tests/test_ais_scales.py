@@ -102,7 +102,13 @@ def test_ais_applies_the_scale_of_a_given_subsample(float64):
     result = ais(subsampled_model, guide, x, subsample=chosen, seed=0, **SETTINGS)
     assert within(result.log_px - exact, result.log_px_se)
     reference = evaluate(
-        subsampled_model, guide, x, subsample=chosen, num_samples=1000, ks=(1,), seed=0,
+        subsampled_model,
+        guide,
+        x,
+        subsample=chosen,
+        num_samples=1000,
+        ks=(1,),
+        seed=0,
         latent_diagnostics=False,
     )
     assert within(reference.per_datapoint["log_px"] - exact, reference.per_datapoint["log_px_se"])

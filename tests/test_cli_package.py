@@ -108,7 +108,8 @@ def test_python_evaluate_uses_one_thread_for_a_small_model_unless_chosen(monkeyp
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
     x = torch.randn(10)
-    fitted = LatentVariableModel(model, AmortizedGuide(model, x[:3], encoder_input=lambda x: x[:, None]))
+    guide = AmortizedGuide(model, x[:3], encoder_input=lambda x: x[:, None])
+    fitted = LatentVariableModel(model, guide)
     seen = []
     original = fitted.evaluate_of
 

@@ -319,7 +319,9 @@ def test_quiet_prints_only_the_summary_and_verbose_the_settings(tmp_path, capsys
     assert main(train(tmp_path / "q", "--quiet")) == 0
     lines = capsys.readouterr().out.splitlines()
     assert (
-        len(lines) == 2 and lines[0].startswith("trained 1 epoch in") and lines[1].startswith("wrote")
+        len(lines) == 2
+        and lines[0].startswith("trained 1 epoch in")
+        and lines[1].startswith("wrote")
     )
     assert main(train(tmp_path / "v", "--verbose")) == 0
     printed = capsys.readouterr().out

@@ -45,8 +45,7 @@ def column(x):
 def fitted_mixture(x) -> LatentVariableModel:
     guide = AmortizedGuide(mixture, x[:3], encoder_input=column, hidden_sizes=(16,))
     fitted = LatentVariableModel(mixture, guide)
-    fitted.fit(x, epochs=80, batch_size=len(x), learning_rate=3e-2, compile="none",
-               progress=False)
+    fitted.fit(x, epochs=80, batch_size=len(x), learning_rate=3e-2, compile="none", progress=False)
     return fitted
 
 
@@ -71,8 +70,9 @@ def test_enumerated_mixture_log_likelihood_is_exact(mixture_fit, float64):
     x, fitted = mixture_fit
     assert fitted.structure(x).vectorized
     result = fitted.evaluate(x, num_samples=2000, ks=(1,), seed=0, latent_diagnostics=False)
-    within_standard_errors(result.per_datapoint["log_px"], result.per_datapoint["log_px_se"],
-                           mixture_log_px(x))
+    within_standard_errors(
+        result.per_datapoint["log_px"], result.per_datapoint["log_px_se"], mixture_log_px(x)
+    )
     assert result.per_datapoint["elbo"].mean() < float(mixture_log_px(x).mean())
 
 
@@ -95,16 +95,29 @@ def test_the_elbo_is_pyros_trace_enum_elbo(mixture_fit, float64):
 
 @pytest.mark.parametrize(
     "objective,compile",
-    [("iwae", "auto"), ("trace_meanfield_elbo", "auto"), ("stl", "none"), ("dreg", "none"),
-     ("renyi", "none")],
+    [
+        ("iwae", "auto"),
+        ("trace_meanfield_elbo", "auto"),
+        ("stl", "none"),
+        ("dreg", "none"),
+        ("renyi", "none"),
+    ],
 )
 def test_every_objective_trains_with_the_enumerated_site(float64, objective, compile):
     torch.manual_seed(1)
     x = torch.randn(24) * 2.0
     guide = AmortizedGuide(mixture, x[:3], encoder_input=column, hidden_sizes=(8,))
     fitted = LatentVariableModel(mixture, guide)
-    history = fitted.fit(x, x, epochs=2, batch_size=12, objective=objective, num_particles=3,
-                         compile=compile, progress=False)
+    history = fitted.fit(
+        x,
+        x,
+        epochs=2,
+        batch_size=12,
+        objective=objective,
+        num_particles=3,
+        compile=compile,
+        progress=False,
+    )
     assert np.isfinite(history.column("valid_elbo")).all()
 
 
@@ -130,9 +143,9 @@ def m2_data(n: int = 40):
     y = torch.multinomial(PRIOR, n, replacement=True)
     x = torch.randn(n, 2) * math.sqrt(1 + NOISE**2) + OFFSETS[y]
     labelled = torch.arange(n) % 2 == 0
-    joint = PRIOR.log() + dist.Normal(OFFSETS, math.sqrt(1 + NOISE**2)).log_prob(
-        x[:, None, :]
-    ).sum(-1)  # (n, 3): log p(x_n, y)
+    joint = PRIOR.log() + dist.Normal(OFFSETS, math.sqrt(1 + NOISE**2)).log_prob(x[:, None, :]).sum(
+        -1
+    )  # (n, 3): log p(x_n, y)
     exact = torch.where(labelled, joint[torch.arange(n), y], torch.logsumexp(joint, -1))
     return x, y, labelled, exact
 
@@ -144,14 +157,22 @@ def encode_m2(x, y, labelled):
 
 def test_m2_with_partial_labels_sums_the_missing_labels_exactly(float64):
     x, y, labelled, exact = m2_data()
-    guide = AmortizedGuide(m2, x[:3], y[:3], labelled[:3], encoder_input=encode_m2,
-                           hidden_sizes=(16,))
+    guide = AmortizedGuide(
+        m2, x[:3], y[:3], labelled[:3], encoder_input=encode_m2, hidden_sizes=(16,)
+    )
     assert [s.name for s in guide.sites] == ["z"]  # the label is enumerated, not guided
     fitted = LatentVariableModel(m2, guide)
-    fitted.fit((x, y, labelled), epochs=80, batch_size=40, learning_rate=3e-2, compile="none",
-               progress=False)
-    result = fitted.evaluate(x, y, labelled, num_samples=2000, ks=(1,), seed=0,
-                             latent_diagnostics=False)
+    fitted.fit(
+        (x, y, labelled),
+        epochs=80,
+        batch_size=40,
+        learning_rate=3e-2,
+        compile="none",
+        progress=False,
+    )
+    result = fitted.evaluate(
+        x, y, labelled, num_samples=2000, ks=(1,), seed=0, latent_diagnostics=False
+    )
     log_px, se = result.per_datapoint["log_px"], result.per_datapoint["log_px_se"]
     unlabelled = ~labelled.numpy()
     within_standard_errors(log_px[unlabelled], se[unlabelled], exact[unlabelled])
@@ -187,7 +208,6 @@ def test_discrete_sites_that_cannot_be_enumerated_here_are_refused(float64):
         check_structure(counts, nothing, x)
 
 
-
 def test_a_guide_that_samples_a_discrete_site_is_evaluated_and_refused_by_ais(float64):
     """Sampled from the guide, the site is importance-sampled (a valid proposal; Pyro's
     Trace_ELBO trains it with a score function); AIS, which moves z by HMC, refuses it."""
@@ -205,14 +225,14 @@ def test_a_guide_that_samples_a_discrete_site_is_evaluated_and_refused_by_ais(fl
         with pyro.plate("data", x.shape[0]):
             pyro.sample("k", dist.Bernoulli(0.5))
 
-    result = evaluate(bernoulli_model, sampled, x, num_samples=400, ks=(1,), seed=0,
-                      latent_diagnostics=False)
+    result = evaluate(
+        bernoulli_model, sampled, x, num_samples=400, ks=(1,), seed=0, latent_diagnostics=False
+    )
     normal = dist.Normal(0.0, 1.0)
     exact = torch.logsumexp(
         torch.stack([normal.log_prob(x).sum(-1), normal.log_prob(x - 1).sum(-1)]), 0
     ) - math.log(2)
-    within_standard_errors(result.per_datapoint["log_px"], result.per_datapoint["log_px_se"],
-                           exact)
+    within_standard_errors(result.per_datapoint["log_px"], result.per_datapoint["log_px_se"], exact)
     with pytest.raises(ValueError, match="guide samples the discrete site\\(s\\) 'k'"):
         ais(bernoulli_model, sampled, x, num_steps=2, num_chains=2)
 
@@ -221,8 +241,9 @@ def test_eager_training_sums_the_discrete_site_out_instead_of_sampling_it(float6
     """Pyro's Trace_ELBO would sample the label (no gradient reaches its probabilities); the
     eager path takes the pyrovae ELBO, which enumerates it, as the compiled path does."""
     x, y, labelled, _ = m2_data(20)
-    guide = AmortizedGuide(m2, x[:3], y[:3], labelled[:3], encoder_input=encode_m2,
-                           hidden_sizes=(8,))
+    guide = AmortizedGuide(
+        m2, x[:3], y[:3], labelled[:3], encoder_input=encode_m2, hidden_sizes=(8,)
+    )
     fitted = LatentVariableModel(m2, guide)
     fitted.fit((x, y, labelled), epochs=1, batch_size=10, compile="none", progress=False)
     assert not [w for w in recwarn if "not guide" in str(w.message)]

@@ -35,7 +35,13 @@ def test_m2_matches_the_brute_force_sums_over_labels(tutorial):
 
 def test_the_stored_output_has_every_printed_line():
     stored = (PAGE / "discrete_global.output.txt").read_text()
-    for start in ("1. Gaussian mixture", "exact log p(x):", "IS log p_hat(x):", "difference:",
-                  "2. M2 with half the labels", "unlabelled: log p_hat(x) - exact",
-                  "labelled:   log p_hat(x, y) - exact"):
+    for start in (
+        "1. Gaussian mixture",
+        "exact log p(x):",
+        "IS log p_hat(x):",
+        "difference:",
+        "2. M2 with half the labels",
+        "unlabelled: log p_hat(x) - exact",
+        "labelled:   log p_hat(x, y) - exact",
+    ):
         assert start in stored, start

@@ -83,8 +83,10 @@ def closed_form_elbo(guide: HybridGuide, x: torch.Tensor) -> float:
     global_term = -0.5 * math.log(2 * math.pi * U**2) - (m**2 + v) / (2 * U**2)
     global_term += 0.5 * math.log(2 * math.pi * math.e * v)
     local_terms = (
-        -0.5 * (log2pi + math.log(T**2)) - ((a - m) ** 2 + b2 + v) / (2 * T**2)
-        - 0.5 * (log2pi + math.log(S**2)) - ((x - a) ** 2 + b2) / (2 * S**2)
+        -0.5 * (log2pi + math.log(T**2))
+        - ((a - m) ** 2 + b2 + v) / (2 * T**2)
+        - 0.5 * (log2pi + math.log(S**2))
+        - ((x - a) ** 2 + b2) / (2 * S**2)
         + 0.5 * torch.log(2 * math.pi * math.e * b2)
     )
     return global_term + float(local_terms.sum())
@@ -238,8 +240,9 @@ def test_a_whole_model_autoguide_is_refused_per_point_and_taken_for_log_p_of_the
     with pytest.raises(ValueError, match="AutoDiagonalNormal.*log_marginal_likelihood"):
         evaluate_conditional(model, guide, x, num_samples=10, ks=(1,))
     # the exact posterior means and (widened) marginal sds of (mu, z) as the diagonal guide
-    precision = torch.diag(torch.cat([torch.tensor([1 / U**2 + 8 / T**2]),
-                                      torch.full((8,), 1 / T**2 + 1 / S**2)]))
+    precision = torch.diag(
+        torch.cat([torch.tensor([1 / U**2 + 8 / T**2]), torch.full((8,), 1 / T**2 + 1 / S**2)])
+    )
     precision[0, 1:] = precision[1:, 0] = -1 / T**2
     covariance = torch.linalg.inv(precision)
     mean = covariance @ torch.cat([torch.zeros(1), x / S**2])
@@ -276,8 +279,9 @@ def test_a_low_rank_global_guide_enters_with_its_auxiliary_density(x):
     value = trace.nodes["mu"]["value"].reshape(1)
     assert torch.allclose(guide_log_q(trace), posterior.log_prob(value))
     fitted = LatentVariableModel(model, guide)
-    history = fitted.fit(x, epochs=2, batch_size=10, learning_rate=1e-2, progress=False,
-                         compile="none")
+    history = fitted.fit(
+        x, epochs=2, batch_size=10, learning_rate=1e-2, progress=False, compile="none"
+    )
     assert all(math.isfinite(v) for v in history.column("train_elbo"))
 
 
@@ -287,8 +291,16 @@ def test_other_elbo_objectives_train_with_global_sites(x, objective):
     mean, sd = posterior_of_mu(x)
     set_guide(guide, x, mean, sd)
     fitted = LatentVariableModel(model, guide)
-    history = fitted.fit(x, x[:10], epochs=12, batch_size=10, learning_rate=1e-12,
-                         progress=False, compile="none", objective=objective)
+    history = fitted.fit(
+        x,
+        x[:10],
+        epochs=12,
+        batch_size=10,
+        learning_rate=1e-12,
+        progress=False,
+        compile="none",
+        objective=objective,
+    )
     per_epoch = torch.tensor(history.column("train_elbo"))  # parameters held: ELBO / N
     se = float(per_epoch.std() / math.sqrt(len(per_epoch)))
     assert abs(float(per_epoch.mean()) - closed_form_elbo(guide, x) / x.shape[0]) < 4 * se

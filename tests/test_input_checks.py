@@ -234,9 +234,7 @@ def test_a_users_model_refuses_counts_outside_the_poisson_support_in_any_minibat
     valid[63, 0] = 0.5
     refused(fitted, lambda: fitted.fit(counts(), valid, **OPTIONS), match=r"validation data.*0\.5")
     refused(fitted, lambda: fitted.elbo(x), match="outside the support")
-    refused(
-        fitted, lambda: fitted.evaluate(x, num_samples=4, ks=(1,)), match="outside the support"
-    )
+    refused(fitted, lambda: fitted.evaluate(x, num_samples=4, ks=(1,)), match="outside the support")
     assert list(pyro.get_param_store().keys()) == []
     fitted.fit(counts(), **OPTIONS)  # in-support counts train
 
@@ -642,12 +640,11 @@ def malformed_optimizer_states(state: dict):
         return broken
 
     first = min(state["state"])
-    yield "moment shape", changed(
-        lambda s: s["state"][first].update(exp_avg=torch.zeros(7))
-    )
+    yield "moment shape", changed(lambda s: s["state"][first].update(exp_avg=torch.zeros(7)))
     yield "parameter count", changed(lambda s: s["param_groups"][0]["params"].pop())
-    yield "two groups", changed(
-        lambda s: s["param_groups"].append({**s["param_groups"][0], "params": [99]})
+    yield (
+        "two groups",
+        changed(lambda s: s["param_groups"].append({**s["param_groups"][0], "params": [99]})),
     )
     yield "no indices", changed(lambda s: s["param_groups"][0].update(params="all"))
     yield "no learning rate", changed(lambda s: s["param_groups"][0].update(lr=float("nan")))
@@ -662,14 +659,14 @@ def test_a_malformed_optimizer_state_is_refused_by_load_and_resume(tmp_path):
     source = tmp_path / "run.pt"
     build().fit(binary(), checkpoint_path=source, **OPTIONS)
     payload = read_checkpoint(source)
-    for problem, state in malformed_optimizer_states(payload["optimizer_state"]):
+    for _problem, state in malformed_optimizer_states(payload["optimizer_state"]):
         path = write_checkpoint({**payload, "optimizer_state": state}, tmp_path / "bad.pt")
         with pytest.raises(CheckpointError, match=r"bad\.pt (is corrupt or invalid|does not)"):
             VAE.load(path)
         vae = build()
         refused(
             vae,
-            lambda path=path: vae.fit(
+            lambda path=path, vae=vae: vae.fit(
                 binary(), checkpoint_path=path, resume=True, **{**OPTIONS, "epochs": 2}
             ),
             CheckpointError,

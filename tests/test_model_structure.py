@@ -39,8 +39,14 @@ def fitted_guide(model, guide, *inputs, **options) -> LatentVariableModel:
     """The pair with its guide trained (60 full-batch steps): a proposal close to the
     posterior, so that K = 2000 importance weights have a small, well-estimated variance."""
     fitted = LatentVariableModel(model, guide, **options)
-    fitted.fit(inputs, epochs=60, batch_size=len(inputs[0]), learning_rate=3e-2,
-               compile="none", progress=False)
+    fitted.fit(
+        inputs,
+        epochs=60,
+        batch_size=len(inputs[0]),
+        learning_rate=3e-2,
+        compile="none",
+        progress=False,
+    )
     return fitted
 
 
@@ -121,7 +127,9 @@ def test_masked_latents_get_the_models_mask_and_integer_inputs_keep_their_dtype(
     guide = AmortizedGuide(padded_model, x[:3], lengths[:3], hidden_sizes=(16,))
     fitted = fitted_guide(padded_model, guide, x, lengths)
     assert fitted.inputs(x, lengths)[1].dtype == torch.int64
-    result = fitted.evaluate(x, lengths, num_samples=2000, ks=(1,), seed=0, latent_diagnostics=False)
+    result = fitted.evaluate(
+        x, lengths, num_samples=2000, ks=(1,), seed=0, latent_diagnostics=False
+    )
     assert_matches_exact(result, exact)
     elbo = fitted.elbo(x, lengths, num_samples=200, seed=0)
     assert float(elbo.mean()) < float(exact.mean())  # a bound, not above log p(x)
@@ -223,8 +231,14 @@ def test_code_written_for_one_draw_runs_one_draw_per_pass_with_exact_numbers(flo
     assert_matches_exact(result, exact)
     with pytest.warns(UserWarning, match="one per pass"):
         history = fitted.fit(
-            (x, y), (x, y), objective="iwae", num_particles=3, epochs=2, batch_size=20,
-            compile="none", progress=False,
+            (x, y),
+            (x, y),
+            objective="iwae",
+            num_particles=3,
+            epochs=2,
+            batch_size=20,
+            compile="none",
+            progress=False,
         )
     assert np.isfinite(history.column("valid_elbo")).all()
 
@@ -297,8 +311,9 @@ def test_per_datapoint_weights_train_and_validate_with_elbos_and_are_refused_by_
     fitted = LatentVariableModel(weighted_model, guide)
     before = {k: v.clone() for k, v in fitted.state_dict().items()}
     with pytest.raises(ValueError, match="one common scale per data point"):
-        fitted.fit((x, weights), epochs=1, batch_size=10, objective="iwae", num_particles=2,
-                   progress=False)
+        fitted.fit(
+            (x, weights), epochs=1, batch_size=10, objective="iwae", num_particles=2, progress=False
+        )
     assert all(torch.equal(before[k], v) for k, v in fitted.state_dict().items())
     history = fitted.fit((x, weights), (x, weights), epochs=2, batch_size=10, progress=False)
     assert np.isfinite(history.column("valid_elbo")).all()
@@ -318,7 +333,13 @@ def test_data_plate_reaches_every_objective(float64, objective, compile):
     guide = AmortizedGuide(documents_model, x[:3], data_plate="documents", hidden_sizes=(8,))
     fitted = LatentVariableModel(documents_model, guide, data_plate="documents")
     history = fitted.fit(
-        x, x, epochs=1, batch_size=8, objective=objective, num_particles=2, compile=compile,
+        x,
+        x,
+        epochs=1,
+        batch_size=8,
+        objective=objective,
+        num_particles=2,
+        compile=compile,
         progress=False,
     )
     assert np.isfinite(history.column("valid_elbo")).all()
@@ -348,8 +369,14 @@ def test_model_and_guide_scaled_differently_are_refused(float64):
             pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
 
     with pytest.raises(ValueError, match="'z' is scaled differently in the model \\(0.5\\)"):
-        evaluate(poutine.scale(documents_model, 0.5), guide, x, num_samples=4, ks=(1,),
-                 data_plate="documents")
+        evaluate(
+            poutine.scale(documents_model, 0.5),
+            guide,
+            x,
+            num_samples=4,
+            ks=(1,),
+            data_plate="documents",
+        )
 
 
 def test_deterministic_and_factor_sites_are_exact(float64):

@@ -84,9 +84,12 @@ def test_guide_refuses_global_and_discrete_latents():
     assert guide.sites == []
     result = evaluate(discrete_latent, guide, x, num_samples=3, ks=(1,), latent_diagnostics=False)
     normal = dist.Normal(0.0, 1.0)
-    exact = torch.logsumexp(
-        torch.stack([normal.log_prob(x).sum(-1), normal.log_prob(x - 1).sum(-1)]), 0
-    ) - torch.tensor(2.0).log()
+    exact = (
+        torch.logsumexp(
+            torch.stack([normal.log_prob(x).sum(-1), normal.log_prob(x - 1).sum(-1)]), 0
+        )
+        - torch.tensor(2.0).log()
+    )
     np.testing.assert_allclose(result.per_datapoint["log_px"], exact.numpy(), rtol=1e-5)
     guide = AmortizedGuide(discrete_latent_for_one_shape, x)
     with pytest.raises(ValueError, match=r"fails with its discrete site\(s\) 'c' enumerated"):

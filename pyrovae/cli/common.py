@@ -421,6 +421,7 @@ def apply_threads(args: argparse.Namespace, vae, out: Output) -> None:
     set_threads(count)
     out.info(f"threads: {count} ({reason}; --threads N to change)")
 
+
 def output_paths(path: Path, formats, default_formats) -> list[Path]:
     """Files to write for ``--out path``: a name ending in .png or .pdf is that one file
     (with ``--formats``, also the other formats asked, same stem); any other name gets
@@ -441,5 +442,3 @@ def output_paths(path: Path, formats, default_formats) -> list[Path]:
 def check_image_model(vae, what: str) -> None:
     if vae.config.image_shape is None:
         raise CLIError(f"{what} draws images; this model's data are not images (no image_shape)")
-
-

@@ -71,7 +71,6 @@ def _binarize_mode(described: str) -> str:
     return match.group(1) if match else "?"
 
 
-
 def _model_paths(models: list[Path]) -> dict[str, Path]:
     """Model files by the name given; the same file twice (also through a link) is refused."""
     if len(models) < 2:

@@ -34,7 +34,6 @@ def dropped_ks_note(requested_ks, num_samples: int, result) -> str | None:
     )
 
 
-
 def _run_bdmc(vae, args: argparse.Namespace, explicit: set, out: Output) -> None:
     from pyrovae.evaluation.ais import bdmc
 
@@ -65,8 +64,6 @@ def _run_bdmc(vae, args: argparse.Namespace, explicit: set, out: Output) -> None
             "steps are enough for this model's simulated data (real data may be harder; if "
             "the mean width is above ~1 nat, raise --ais-steps)"
         )
-
-
 
 
 def run_evaluate(args: argparse.Namespace, explicit: set, out: Output) -> int:

@@ -208,8 +208,11 @@ def add_common(arguments: Arguments, command: str) -> None:
         "--verbose",
         action="store_true",
         help="also print the resolved settings; the default prints "
-        + ("one line per epoch and notes" if command == "train" else "notes such as how the "
-           "data were prepared")
+        + (
+            "one line per epoch and notes"
+            if command == "train"
+            else "notes such as how the data were prepared"
+        )
         + " (bars only on a terminal)",
     )
 
@@ -240,9 +243,7 @@ def add_data(arguments: Arguments, default_dataset: str | None) -> None:
 def add_split(arguments: Arguments, binarize_help: str) -> None:
     """--split and --binarize of the commands that read a saved model's data."""
     arguments.add("--split", choices=names.SPLIT_NAMES, default="test", help="data split")
-    arguments.add(
-        "--binarize", choices=EVALUATION_BINARIZATION, default="auto", help=binarize_help
-    )
+    arguments.add("--binarize", choices=EVALUATION_BINARIZATION, default="auto", help=binarize_help)
 
 
 def add_device(arguments: Arguments) -> None:
@@ -359,8 +360,8 @@ def add_scoring(arguments: Arguments, command: str, after_data=None, after_sampl
             metavar="N",
             help="data points simulated from the model for --bdmc",
         )
-    sampling = arguments if command == "gaps" else arguments.group(
-        "importance sampling (--method is)"
+    sampling = (
+        arguments if command == "gaps" else arguments.group("importance sampling (--method is)")
     )
     sampling.add(
         "--num-samples",
@@ -452,8 +453,6 @@ def _add_steps(arguments: Arguments, sampling: Arguments) -> None:
         metavar="S",
         help="Adam steps of the per-point optimization (the output says whether it converged)",
     )
-
-
 
 
 def _add_sample(commands, track: bool) -> Arguments:

@@ -31,8 +31,6 @@ def _sample_condition(vae, num: int, label: int | None) -> torch.Tensor | None:
     return one_hot(classes, width)
 
 
-
-
 def run_sample(args: argparse.Namespace, explicit: set, out: Output) -> int:
     from pyrovae import VAE
     from pyrovae.plots import image_grid_writer

@@ -103,7 +103,6 @@ def ais_settings_line(args: argparse.Namespace) -> str:
     )
 
 
-
 @dataclass
 class Scored:
     """A saved model and the first ``used`` of ``total`` prepared points of a split."""

@@ -50,7 +50,6 @@ _TRAIN_FLAGS = {
 """TrainConfig field: argparse destination."""
 
 
-
 def read_spec(path: Path) -> dict:
     """The mapping of VAEConfig fields in a spec file (``num_features`` and ``image_shape``
     may be left out: the dataset gives them)."""
@@ -66,9 +65,7 @@ def read_spec(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, ValueError) as error:
         if "mapping" in str(error):
             raise CLIError(f"--spec {path} does not hold a mapping of VAEConfig options") from None
-        raise CLIError(
-            f"--spec {path} is not valid {suffix[1:]}: {one_line(str(error))}"
-        ) from None
+        raise CLIError(f"--spec {path} is not valid {suffix[1:]}: {one_line(str(error))}") from None
 
 
 def _resume_payload(path: Path) -> dict:
@@ -194,8 +191,6 @@ def _resolve_binarize(requested: str, likelihood: str, dataset) -> tuple[str, st
     return mode, text
 
 
-
-
 def run_train(args: argparse.Namespace, explicit: set, out: Output) -> int:
     run_dir: Path = args.out
     check_device(args.device)
@@ -294,7 +289,8 @@ def _train_locked(args, explicit: set, out: Output, spec: dict | None) -> int:
         raise CLIError(write_failure(error, model_path, resumable=True)) from None
     if not out.main:
         return 0
-    for name, write in zip(HISTORY_FILES, (_jsonl_writer(history), _csv_writer(history))):
+    writers = (_jsonl_writer(history), _csv_writer(history))
+    for name, write in zip(HISTORY_FILES, writers, strict=True):
         write_out(run_dir / name, write, name.rsplit(".", 1)[1], None, name)
     out.summary(_trained_line(history, done, vae, train_config))
     written = ", ".join(str(p) for p in (model_path, *(run_dir / f for f in HISTORY_FILES)))
@@ -323,7 +319,6 @@ def _csv_writer(history):
     from pyrovae.training import write_history_csv
 
     return lambda handle: write_history_csv(history, handle)
-
 
 
 def _trained_line(history, done: int, vae, train_config) -> str:

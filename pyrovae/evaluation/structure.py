@@ -288,7 +288,9 @@ def _data_plate_dim(trace, data_plate: str) -> int:
             "data points in `with pyro.plate(data_plate, N):` or pass data_plate="
         )
     if dims[data_plate] is None:
-        raise ValueError(f"the data plate {data_plate!r} must be vectorized (pyro.plate, not range)")
+        raise ValueError(
+            f"the data plate {data_plate!r} must be vectorized (pyro.plate, not range)"
+        )
     return dims[data_plate]
 
 
@@ -296,9 +298,7 @@ def _site_structures(trace, data_plate: str, data_dim: int) -> dict[str, SiteStr
     structures = {}
     for name, site in _sample_sites(trace).items():
         fn = site["fn"]
-        plates = {
-            f.name: (f.dim, f.size) for f in site["cond_indep_stack"] if f.vectorized
-        }
+        plates = {f.name: (f.dim, f.size) for f in site["cond_indep_stack"] if f.vectorized}
         scale = site["scale"]
         structures[name] = SiteStructure(
             name=name,

@@ -336,9 +336,7 @@ class ParticleTraces:
     def __post_init__(self):
         self.model_sites = _sample_sites(self.model_trace)
         self.guide_sites = _sample_sites(self.guide_trace)
-        self.enumerated, self.enum_dims = enumeration_dims(
-            self.model_sites, self.max_plate_nesting
-        )
+        self.enumerated, self.enum_dims = enumeration_dims(self.model_sites, self.max_plate_nesting)
         _check_site_names(self.model_sites, self.guide_sites, self.enumerated)
         self.outer_scale, self.scales_inside = self._resolve_scales()
 
@@ -600,9 +598,7 @@ def trace_terms(
     return reduce_terms(traces)
 
 
-def reduce_terms(
-    traces: ParticleTraces | SequentialTraces, with_kl: bool = True
-) -> ParticleTerms:
+def reduce_terms(traces: ParticleTraces | SequentialTraces, with_kl: bool = True) -> ParticleTerms:
     """Per-datapoint log densities of every site; ``with_kl=False`` skips the KL terms (zeros)."""
     if isinstance(traces, SequentialTraces):
         parts = [reduce_terms(part, with_kl) for part in traces.parts]
@@ -616,8 +612,10 @@ def reduce_terms(
         if name in members and (site["is_observed"] or name in traces.enumerated):
             continue
         role = "observed" if site["is_observed"] else "latent"
-        log_p = None if name in members else traces.per_datapoint(
-            _site_log_prob(site), site, f"{role} model"
+        log_p = (
+            None
+            if name in members
+            else traces.per_datapoint(_site_log_prob(site), site, f"{role} model")
         )
         if site["is_observed"]:
             terms["log_p_obs"] = terms["log_p_obs"] + log_p

@@ -101,7 +101,7 @@ def latent_sites(model: Callable, args: tuple, kwargs: dict, data_plate: str) ->
             check_enumerable(structure)
         if structure.observed or structure.discrete:
             continue
-        for name, (dim, size) in structure.inner_plates.items():
+        for name in structure.inner_plates:
             if structure.subsampled.get(name):
                 raise ValueError(
                     f"latent site {structure.name!r} is inside the subsampled plate {name!r}: "

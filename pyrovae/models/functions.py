@@ -187,8 +187,7 @@ class ParamRegistry(nn.Module):
         self.expected_ = None
         if problem is not None:
             self.mismatch_ = (
-                f"the parameters in {self.source_} do not match the model and guide code: "
-                f"{problem}"
+                f"the parameters in {self.source_} do not match the model and guide code: {problem}"
             )
             self.check()
 

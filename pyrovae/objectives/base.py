@@ -135,9 +135,9 @@ class ParticleObjective(pyro.infer.ELBO):
 
     # -- shared machinery ----------------------------------------------------------------
     def prepare(self, model, guide, *args, **kwargs) -> ModelStructure:
-        """Check ``model`` and ``guide`` once (:func:`~pyrovae.evaluation.structure.check_structure`,
-        on private random streams), before their first step: the refusals come before any
-        parameter changes. Returns the structure (cached per model and guide)."""
+        """Check ``model`` and ``guide`` once, on private random streams, before their first
+        step (:func:`~pyrovae.evaluation.structure.check_structure`): the refusals come
+        before any parameter changes. Returns the structure (cached per model and guide)."""
         key = (id(model), id(guide))
         if key not in self._structures:
             structure = check_structure(

@@ -206,4 +206,8 @@ def global_log_prior(model, guide, guide_trace, args: tuple, kwargs: dict) -> to
 
 __all__ = [
     "GlobalLatentELBO",
-    "as_particle_objective", "global_log_prior", "guide_log_q", "refuse_nonlinear"]
+    "as_particle_objective",
+    "global_log_prior",
+    "guide_log_q",
+    "refuse_nonlinear",
+]
