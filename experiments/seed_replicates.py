@@ -251,7 +251,7 @@ def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=Path("experiments/seed_replicates"))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--hidden", type=int, default=100)
     parser.add_argument("--latent", type=int, default=20)
     parser.add_argument("--train-points", type=int, default=None, help="default: all 50000")
