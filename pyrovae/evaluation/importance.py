@@ -4,7 +4,7 @@
 data in chunks whose (draw, data point) pairs stay under a budget, and reduces each chunk
 at once to per-datapoint estimates, so that memory does not grow with N:
 
-* ``log_px``: log p_hat(x) = logsumexp_k(w_k) - log K, with ``log_px_se`` (Monte Carlo
+* ``log_px``: log p_hat(x) = logsumexp_k(log w_k) - log K, with ``log_px_se`` (Monte Carlo
   standard error), ``ess`` (Kish effective sample size) and ``khat`` (Pareto k-hat, PSIS;
   -inf when all K weights are equal, e.g. an exact posterior);
 * ``elbo``: the ELBO with Monte Carlo KL; ``elbo_analytic``: with closed-form KL where the
@@ -65,7 +65,9 @@ from pyrovae.evaluation.traces import (
 from pyrovae.randomness import derived_seed
 
 KHAT_THRESHOLD = 0.7
-"""Pareto k-hat above which an importance-sampled estimate is unreliable."""
+"""Pareto k-hat above which even a Pareto-*smoothed* estimate is unreliable (Vehtari et al.);
+pyrovae's ``log_px`` is plain importance sampling, whose standard error already fails above
+:data:`KHAT_INFINITE_VARIANCE` (0.5)."""
 
 CONSTANT_WEIGHT_SPREAD = 1e-6
 """Log weights of one data point spread less than this (nats) count as equal: no tail."""
