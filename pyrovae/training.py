@@ -56,6 +56,15 @@ class History:
         with open(path, "w") as handle:
             handle.writelines(json.dumps(record) + "\n" for record in self.records)
 
+    def to_dataframe(self):
+        """One row per epoch (columns as in :meth:`to_csv`) as a :class:`pandas.DataFrame`;
+        needs pandas, which pyrovae does not require."""
+        try:
+            import pandas
+        except ImportError as error:
+            raise ImportError("to_dataframe() needs pandas: pip install pandas") from error
+        return pandas.DataFrame(self.records, columns=HISTORY_COLUMNS)
+
     def to_csv(self, path: str | Path) -> None:
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)

@@ -250,6 +250,11 @@ class EvaluationResult:
         """Write the per-datapoint columns, one row per data point."""
         return write_per_datapoint_csv(self.per_datapoint, path)
 
+    def to_dataframe(self):
+        """The per-datapoint columns as a :class:`pandas.DataFrame`, one row per data point
+        (nats per data point; needs pandas, which pyrovae does not require)."""
+        return per_datapoint_frame(self.per_datapoint)
+
     def to_arviz(self):
         """Export to ArviZ (InferenceData in 0.x, DataTree in 1.x), group ``"evaluation"``,
         with dimension ``data_point`` (and ``latent_dim`` for per-dimension diagnostics)."""
@@ -767,6 +772,18 @@ def per_point_tensors(
     return [
         v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == length
     ]
+
+
+def per_datapoint_frame(columns: dict):
+    """Per-datapoint columns (equal lengths) as a :class:`pandas.DataFrame`, index
+    ``data_point``; an ImportError says how to install pandas when it is missing."""
+    try:
+        import pandas
+    except ImportError as error:
+        raise ImportError("to_dataframe() needs pandas: pip install pandas") from error
+    frame = pandas.DataFrame({name: np.asarray(values) for name, values in columns.items()})
+    frame.index.name = "data_point"
+    return frame
 
 
 def data_fingerprint(*tensors) -> str:
