@@ -36,7 +36,7 @@ NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?%?|\binf\b|\bnan\b)")
 TABLE_ROW = re.compile(r"^(\w+)\s+(-?\d+\.\d+)\s+(\d+\.\d+)$")
 QUOTED = re.compile(r"\[([^\[\]]+)\]\{\.printed\}")
 """A number quoted from the script's output on a tutorial page: ``[0.104]{.printed}``."""
-NAMES = ("fit_vae_digits", "custom_model", "compare_bounds")
+NAMES = ("fit_vae_digits", "custom_model", "compare_bounds", "compare_models")
 
 pytestmark = pytest.mark.slow
 
@@ -285,3 +285,41 @@ def test_quoted_numbers_are_compared_up_to_float_noise():
     assert close("0.0202", "0.0203") and close("-10.8679", "-10.8678") and close("209", "209")
     assert not close("0.0250", "0.0203") and not close("inf", "1.0") and close("inf", "inf")
     assert close("98%", "98%") and not close("90%", "98%")
+
+
+REPORT_LINE = re.compile(r"^  iwae5 - vae by (.+?): (-?\d+\.\d+), paired SE (\d+\.\d+)", re.M)
+
+
+def test_compare_models(tmp_path):
+    name = "compare_models"
+    output = run_tutorial(name, tmp_path)
+    check_matches_stored_output(name, output)
+    stored = (TUTORIALS / f"{name}.output.txt").read_text()
+    now = {label: (float(d), float(se)) for label, d, se in REPORT_LINE.findall(output)}
+    was = {label: (float(d), float(se)) for label, d, se in REPORT_LINE.findall(stored)}
+    assert len(now) == 3 and now.keys() == was.keys()
+    for label, (difference, se) in now.items():
+        # The quoted differences are reproduced within three paired standard errors.
+        assert abs(difference - was[label][0]) < 3 * was[label][1], (label, difference)
+    is_row = compare_row("iwae5 - vae", output)
+    assert is_row["paired"] < is_row["unpaired"] / 3  # pairing removes the shared spread
+    # AIS lies above IS on average (a tighter stochastic lower bound); its bootstrap
+    # interval contains the mean correction.
+    for model in ("vae", "iwae5"):
+        match = re.search(
+            rf"^{model}: AIS - IS on the same 50 images: mean (-?[\d.]+), 95% bootstrap "
+            rf"interval \[(-?[\d.]+), (-?[\d.]+)\]",
+            output,
+            re.M,
+        )
+        mean, low, high = (float(v) for v in match.groups())
+        assert low <= mean <= high and high > 0
+    timings = [float(t) for t in re.findall(r"([\d.]+) s per image per 1000 steps", output)]
+    assert len(timings) == 2 and all(t > 0 for t in timings)
+
+
+def compare_row(label: str, output: str) -> dict:
+    """The difference row of ``Comparison.table()``: mean, paired SE, unpaired SE, z."""
+    match = re.search(re.escape(label) + r"\s+(-?[\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)", output)
+    mean, paired, unpaired, z = (float(v) for v in match.groups())
+    return {"mean": mean, "paired": paired, "unpaired": unpaired, "z": z}
