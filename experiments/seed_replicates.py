@@ -7,7 +7,7 @@ thread, so that the IWAE-minus-VAE difference carries the variability between tr
   Bernoulli likelihood, diagonal-Normal guide; each file is well under 1 MB (parameters only,
   no optimizer state). Objectives: the ELBO with analytic KL (``trace_meanfield_elbo``) and
   IWAE with k = 5; seeds 0, 1, 2 of each (``--seeds``). Adam, learning rate 1e-3, batch 100,
-  ``--epochs`` epochs on the 50000 training images, the epoch of the best validation ELBO
+  ``--epochs`` (30) epochs on the 50000 training images, the epoch of the best validation ELBO
   kept (``best_path``). Not converged: see docs/results.md for how this differs from the
   converged protocol (784-200-200-50, about 400 epochs, learning-rate plateaus).
 * **Importance sampling.** K = ``--is-samples`` draws from each model's guide on a fixed
@@ -237,9 +237,9 @@ def gap_convergence(vae, log_px: np.ndarray, test: torch.Tensor) -> None:
         )
 
 
-def provenance(paths: dict, data_dir) -> None:
+def provenance(paths: dict, data_dir, commit: str) -> None:
     print("\n## Files")
-    print(f"git commit of the code: {git_commit()}")
+    print(f"git commit of the code (at the start of this run): {commit}")
     data_file = resolve_data_dir(data_dir) / BINARIZED_MNIST_NPZ
     if data_file.is_file():
         print(f"data {data_file.name}: sha256 {sha256(data_file)}")
@@ -251,14 +251,14 @@ def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, default=Path("experiments/seed_replicates"))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--hidden", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--hidden", type=int, default=30)
     parser.add_argument("--latent", type=int, default=20)
     parser.add_argument("--train-points", type=int, default=None, help="default: all 50000")
     parser.add_argument("--valid-points", type=int, default=None, help="default: all 10000")
-    parser.add_argument("--test-points", type=int, default=1000)
-    parser.add_argument("--is-samples", type=int, default=2000)
-    parser.add_argument("--ais-points", type=int, default=40)
+    parser.add_argument("--test-points", type=int, default=500)
+    parser.add_argument("--is-samples", type=int, default=1000)
+    parser.add_argument("--ais-points", type=int, default=30)
     parser.add_argument("--ais-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
@@ -268,6 +268,7 @@ def parse(argv=None):
 def main(argv=None) -> None:
     global ARGS
     args = ARGS = parse(argv)
+    commit = git_commit()
     torch.set_num_threads(args.threads)
     args.models.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -283,7 +284,7 @@ def main(argv=None) -> None:
     seed_comparison(is_results, seeds)
     guide_ais = ais_study(models, is_results, test, args)
     gap_convergence(models[("vae", 0)], guide_ais[("vae", 0)], test)
-    provenance(paths, args.data_dir)
+    provenance(paths, args.data_dir, commit)
 
 
 ARGS = None
