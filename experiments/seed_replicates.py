@@ -252,7 +252,7 @@ def parse(argv=None):
     parser.add_argument("--models", type=Path, default=Path("experiments/seed_replicates"))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--hidden", type=int, default=30)
+    parser.add_argument("--hidden", type=int, default=100)
     parser.add_argument("--latent", type=int, default=20)
     parser.add_argument("--train-points", type=int, default=None, help="default: all 50000")
     parser.add_argument("--valid-points", type=int, default=None, help="default: all 10000")
