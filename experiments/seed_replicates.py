@@ -114,6 +114,20 @@ def train_one(name: str, seed: int, data, args) -> Path:
     return path
 
 
+def training_summary(models: dict) -> None:
+    """Epochs, the epoch kept and its validation ELBO, from the history saved in each file."""
+    print("\n## Training (from the histories in the model files)")
+    print("model            epochs  kept  valid ELBO (kept)  train seconds")
+    for (name, seed), vae in sorted(models.items()):
+        records = vae.history_.records
+        kept = max(records, key=lambda r: r["valid_elbo"])
+        seconds = sum(r["seconds"] for r in records)
+        print(
+            f"{name}_seed{seed:<6} {len(records):>6}  {kept['epoch']:>4}  {kept['valid_elbo']:17.2f}"
+            f"  {seconds:13.0f}"
+        )
+
+
 def test_subset(size: int, points: int) -> torch.Tensor:
     """The same fixed random subset of test indices as mnist_converged.py (seed 0)."""
     order = torch.randperm(size, generator=torch.Generator().manual_seed(0))
@@ -258,8 +272,8 @@ def parse(argv=None):
     parser.add_argument("--valid-points", type=int, default=None, help="default: all 10000")
     parser.add_argument("--test-points", type=int, default=500)
     parser.add_argument("--is-samples", type=int, default=1000)
-    parser.add_argument("--ais-points", type=int, default=30)
-    parser.add_argument("--ais-steps", type=int, default=500)
+    parser.add_argument("--ais-points", type=int, default=20)
+    parser.add_argument("--ais-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", default=None)
     return parser.parse_args(argv)
@@ -280,6 +294,7 @@ def main(argv=None) -> None:
         f"\nmodels: 784-{args.hidden}-{args.latent} (tanh), {args.epochs} epochs; "
         f"torch threads {torch.get_num_threads()}, torch {torch.__version__}"
     )
+    training_summary(models)
     is_results = importance_sampling(models, test, args)
     seed_comparison(is_results, seeds)
     guide_ais = ais_study(models, is_results, test, args)
