@@ -19,7 +19,7 @@ from conftest import PROJECT_ROOT
 DOCS = PROJECT_ROOT / "docs"
 PAGES = sorted(
     path.relative_to(DOCS).as_posix()
-    for path in [DOCS / "index.md", *(DOCS / "guide").glob("*.md")]
+    for path in [DOCS / "index.md", DOCS / "evaluation.md", *(DOCS / "guide").glob("*.md")]
     if "```python" in path.read_text()
 )
 
@@ -50,7 +50,13 @@ def run_python(code: str, directory) -> str:
 
 
 def test_the_pages_with_code_are_found():
-    assert {"index.md", "guide/getting_started.md", "guide/own_model.md", "guide/exporting.md"} <= set(PAGES)
+    assert {
+        "index.md",
+        "evaluation.md",
+        "guide/getting_started.md",
+        "guide/own_model.md",
+        "guide/exporting.md",
+    } <= set(PAGES)
 
 
 @pytest.mark.parametrize("page", PAGES)
