@@ -27,11 +27,13 @@ def main(steps: int = 100) -> None:
     torch.set_num_threads(1)
     digits = threshold(load_digits().test)
     mnist = load_binarized_mnist().test.float()
+    mlp = {"num_features": 784, "activation": "tanh"}
+    burda = VAEConfig(**mlp, latent_dim=50, hidden_sizes=(200, 200))
     cases = (
-        ("digits 64-128-8", VAEConfig(num_features=64, latent_dim=8, hidden_sizes=(128,)), digits[:20]),
-        ("digits 64-256-256-8 (README)", VAEConfig(num_features=64, latent_dim=8), digits[:20]),
-        ("MNIST 784-100-20 tanh", VAEConfig(num_features=784, latent_dim=20, hidden_sizes=(100,), activation="tanh"), mnist[:20]),
-        ("MNIST 784-200-200-50 tanh", VAEConfig(num_features=784, latent_dim=50, hidden_sizes=(200, 200), activation="tanh"), mnist[:20]),
+        ("digits 64-128-8", VAEConfig(64, latent_dim=8, hidden_sizes=(128,)), digits[:20]),
+        ("digits 64-256-256-8 (README)", VAEConfig(64, latent_dim=8), digits[:20]),
+        ("MNIST 784-100-20 tanh", VAEConfig(**mlp, latent_dim=20, hidden_sizes=(100,)), mnist[:20]),
+        ("MNIST 784-200-200-50 tanh", burda, mnist[:20]),
     )
     print(f"AIS, T = {steps}, 16 + 2 chains, 10 leapfrog steps, 20 images at once, "
           f"torch threads {torch.get_num_threads()}")
@@ -41,7 +43,8 @@ def main(steps: int = 100) -> None:
         ais(vae.model, vae.guide, vae.inputs(x)[0], num_steps=steps, num_chains=16, seed=0)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         scale = 1000 / steps / len(x)
-        print(f"{name}: {cpu * scale:.1f} s CPU ({wall * scale:.1f} s wall) per image per 1000 steps")
+        print(f"{name}: {cpu * scale:.1f} s CPU ({wall * scale:.1f} s wall) per image per "
+              "1000 steps")
 
 
 if __name__ == "__main__":

@@ -123,7 +123,8 @@ def training_summary(models: dict) -> None:
         kept = max(records, key=lambda r: r["valid_elbo"])
         seconds = sum(r["seconds"] for r in records)
         print(
-            f"{name}_seed{seed:<6} {len(records):>6}  {kept['epoch']:>4}  {kept['valid_elbo']:17.2f}"
+            f"{name}_seed{seed:<6} {len(records):>6}  {kept['epoch']:>4}  "
+            f"{kept['valid_elbo']:17.2f}"
             f"  {seconds:13.0f}"
         )
 
@@ -183,7 +184,8 @@ def seed_comparison(is_results: dict, seeds) -> None:
         )
     vae_means = [is_results[("vae", s)]["log_px"].mean() for s in seeds]
     iwae_means = [is_results[("iwae5", s)]["log_px"].mean() for s in seeds]
-    between = np.sqrt(np.var(vae_means, ddof=1) / len(seeds) + np.var(iwae_means, ddof=1) / len(seeds))
+    count = len(seeds)
+    between = np.sqrt(np.var(vae_means, ddof=1) / count + np.var(iwae_means, ddof=1) / count)
     print(
         f"mean over {len(seeds)} seeds: VAE {np.mean(vae_means):.2f} (seed sd "
         f"{np.std(vae_means, ddof=1):.2f}), IWAE k=5 {np.mean(iwae_means):.2f} (seed sd "
@@ -199,7 +201,10 @@ def seed_comparison(is_results: dict, seeds) -> None:
 def ais_study(models: dict, is_results: dict, test: torch.Tensor, args) -> dict:
     points = min(args.ais_points, len(test))
     print(f"\n## AIS on the first {points} images of the subset, T = {args.ais_steps}, 16 chains")
-    print("model       start  AIS log p_hat  chain SE  AIS - IS   95% bootstrap   s/image/1000 steps")
+    print(
+        "model       start  AIS log p_hat  chain SE  AIS - IS   95% bootstrap   "
+        "s/image/1000 steps"
+    )
     guide_ais = {}
     for key in (("vae", 0), ("iwae5", 0)):
         vae = models[key]
@@ -220,7 +225,8 @@ def ais_study(models: dict, is_results: dict, test: torch.Tensor, args) -> dict:
             low, high = bootstrap_interval(correction)
             mean, _ = mean_se(log_px)
             print(
-                f"{key[0]}_seed{key[1]:<3} {start:<6} {mean:13.2f}  {np.mean(result.log_px_se):8.3f}  "
+                f"{key[0]}_seed{key[1]:<3} {start:<6} {mean:13.2f}  "
+                f"{np.mean(result.log_px_se):8.3f}  "
                 f"{correction.mean():+8.2f}   [{low:+.2f}, {high:+.2f}]   "
                 f"{seconds / points * 1000 / args.ais_steps:.1f}",
                 flush=True,

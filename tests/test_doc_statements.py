@@ -24,7 +24,7 @@ def text(page: str) -> str:
     return " ".join((DOCS / page).read_text().split())
 
 
-# ------------------------------------------------- 3. the K^-2 term of the IS bias has no fixed sign
+# ------------------------------------------ 3. the K^-2 term of the IS bias has no fixed sign
 
 
 def gamma_weight_bias(variance: float, draws: int) -> float:

@@ -34,7 +34,9 @@ def blocks(page: str, language: str) -> list[str]:
 def environment() -> dict:
     return {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
+        ),
         "OMP_NUM_THREADS": "1",
         "MPLBACKEND": "Agg",
     }

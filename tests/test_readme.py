@@ -34,7 +34,9 @@ def test_readme_python_snippets_run_as_written(tmp_path):
     assert len(blocks) >= 3  # the API tour, your own model, Pyro's SVI
     environment = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])
+        ),
         "OMP_NUM_THREADS": "1",
     }
     completed = subprocess.run(

@@ -55,7 +55,8 @@ def test_section_1a_quotes_only_what_its_command_printed():
 
 def test_the_published_model_files_have_their_checksums():
     stored = (STUDY / "output.txt").read_text()
-    listed = dict(re.findall(r"^(\w+_seed\d+\.pt): [\d.]+ MB, sha256 ([0-9a-f]{64})$", stored, re.M))
+    line = r"^(\w+_seed\d+\.pt): [\d.]+ MB, sha256 ([0-9a-f]{64})$"
+    listed = dict(re.findall(line, stored, re.M))
     assert len(listed) == 6
     page = RESULTS.read_text()
     for name, digest in listed.items():

@@ -43,7 +43,8 @@ def test_study_runs_end_to_end_and_reuses_its_models(study, tmp_path, data_dir, 
     output = capsys.readouterr().out
     assert output.count("trained ") == 4
     assert re.search(r"IWAE - VAE: [-+][\d.]+, between-seed SE [\d.]+ \(2 independent", output)
-    assert output.count("95% bootstrap") == 1 and len(re.findall(r"\[[-+][\d.]+, [-+][\d.]+\]", output)) == 4
+    assert output.count("95% bootstrap") == 1
+    assert len(re.findall(r"\[[-+][\d.]+, [-+][\d.]+\]", output)) == 4
     assert "guide - prior start (paired)" in output
     assert re.search(r"^\s+1000\s+[\d.-]+\s+[\d.-]+ ± [\d.]+", output, re.M)
     assert len(re.findall(r"sha256 [0-9a-f]{64}", output)) == 5  # data and four models

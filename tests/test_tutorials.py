@@ -320,6 +320,7 @@ def test_compare_models(tmp_path):
 
 def compare_row(label: str, output: str) -> dict:
     """The difference row of ``Comparison.table()``: mean, paired SE, unpaired SE, z."""
-    match = re.search(re.escape(label) + r"\s+(-?[\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)", output)
+    numbers = r"\s+(-?[\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)"
+    match = re.search(re.escape(label) + numbers, output)
     mean, paired, unpaired, z = (float(v) for v in match.groups())
     return {"mean": mean, "paired": paired, "unpaired": unpaired, "z": z}
