@@ -103,7 +103,63 @@ def _restore_plain_docstring(app, what, name, obj, options, lines: list[str]) ->
         lines[:] = _plain_docstrings.pop((what, name))
 
 
+# -- the command-line reference, generated from the parser -------------------------------------
+# ```{cli-reference}``` renders ``pyrovae --help`` and every ``pyrovae COMMAND --help`` from
+# ``pyrovae.cli.build_parser()`` at build time, so the page cannot fall out of step with the
+# parser.
+
+
+def cli_help_texts(width: int = 100) -> list[tuple[str, str, str]]:
+    """(command, one-line help, full help text) for ``pyrovae`` and each of its commands."""
+    import argparse
+
+    from pyrovae.cli import build_parser
+
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(width)  # argparse wraps to the terminal width
+    try:
+        parser = build_parser()
+        texts = [("pyrovae", parser.description or "", parser.format_help())]
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helps = {choice.dest: choice.help for choice in action._choices_actions}
+                for name, sub in action.choices.items():
+                    texts.append((f"pyrovae {name}", helps.get(name) or "", sub.format_help()))
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous
+    return texts
+
+
+def _cli_reference_directive():
+    from docutils import nodes
+    from docutils.parsers.rst import Directive
+
+    class CliReference(Directive):
+        has_content = False
+
+        def run(self):
+            result = []
+            listing = nodes.bullet_list()
+            for command, summary, _ in cli_help_texts()[1:]:
+                item = nodes.paragraph()
+                item += nodes.literal(text=command)
+                item += nodes.Text(f": {summary}" if summary else "")
+                listing += nodes.list_item("", item)
+            result.append(listing)
+            for command, _, text in cli_help_texts():
+                anchor = nodes.make_id(command)
+                rubric = nodes.rubric(text=command, ids=[anchor])
+                result += [rubric, nodes.literal_block(text, text, language="text")]
+            return result
+
+    return CliReference
+
+
 def setup(app):
     # Before napoleon (priority 500) turns NumPy sections into reST fields, and after it.
     app.connect("autodoc-process-docstring", _keep_plain_docstring, priority=100)
     app.connect("autodoc-process-docstring", _restore_plain_docstring, priority=900)
+    app.add_directive("cli-reference", _cli_reference_directive())

@@ -70,6 +70,15 @@ class History:
         lines = [json.dumps(record) + "\n" for record in self.records]
         write_file(path, lambda handle: handle.writelines(lines), "jsonl")
 
+    def to_dataframe(self):
+        """One row per epoch (columns as in :meth:`to_csv`) as a :class:`pandas.DataFrame`;
+        needs pandas, which pyrovae does not require."""
+        try:
+            import pandas
+        except ImportError as error:
+            raise ImportError("to_dataframe() needs pandas: pip install pandas") from error
+        return pandas.DataFrame(self.records, columns=HISTORY_COLUMNS)
+
     def to_csv(self, path: str | Path) -> None:
         """The records as CSV, written atomically (:func:`pyrovae.outputs.write_file`)."""
         from pyrovae.outputs import write_file

@@ -29,7 +29,17 @@ THEORY_PAGES = (
     "objectives",
     "autoencoders",
 )
-TUTORIALS = ("fit_vae_digits", "custom_model", "compare_bounds")
+TUTORIALS = ("fit_vae_digits", "custom_model", "compare_bounds", "compare_models")
+GUIDE_PAGES = (
+    "index",
+    "getting_started",
+    "own_model",
+    "glossary",
+    "pitfalls",
+    "reporting",
+    "exporting",
+    "cli",
+)
 API_PAGES = ("models", "components", "training", "objectives", "evaluation", "data", "baselines")
 
 MISSING = [name for name in ("sphinx", "myst_parser") if importlib.util.find_spec(name) is None]
@@ -82,6 +92,7 @@ def test_every_page_of_the_table_of_contents_is_rendered(site):
         *(f"theory/{p}" for p in ("index", *THEORY_PAGES)),
         *(f"tutorials/{p}" for p in ("index", *TUTORIALS)),
         *(f"api/{p}" for p in ("index", *API_PAGES)),
+        *(f"guide/{p}" for p in GUIDE_PAGES),
     ):
         page(site, name)
     for report in ("evaluation", "reliability", "gallery", "benchmarks", "results"):
@@ -128,6 +139,7 @@ EXTERNAL = {"PyroModule"}
     "name",
     [f"theory/{p}" for p in ("index", *THEORY_PAGES)]
     + [f"tutorials/{p}" for p in TUTORIALS]
+    + [f"guide/{p}" for p in GUIDE_PAGES]
     + ["index"],
 )
 def test_references_to_the_code_resolve(site, name):
@@ -165,3 +177,57 @@ def test_tutorial_pages_show_their_script_and_output(site, name):
     # checks them); the marker renders as a span, never as literal text.
     assert '<span class="printed">' in markup
     assert "{.printed}" not in shown
+
+
+def main_text(markup: str) -> str:
+    """The page's article, without the navigation sidebar (which links every page)."""
+    match = re.search(r'<article[^>]*role="main"[^>]*>(.*?)</article>', markup, re.S)
+    return match.group(1) if match else markup
+
+
+def test_a_newcomer_reaches_the_three_questions_in_one_click(site):
+    """From the index's own text: fit my own model, compare two models, what a number means."""
+    article = main_text(page(site, "index"))
+    for question, target in (
+        ("Fit my own model", "guide/own_model.html"),
+        ("Compare two models", "tutorials/compare_models.html"),
+        ("What does this number mean", "guide/glossary.html"),
+    ):
+        assert question in text_of(article), question
+        assert f'href="{target}' in article, target
+
+
+def test_studies_and_reports_are_a_section_of_their_own(site):
+    index = page(site, "index")
+    captions = re.findall(r'<p class="caption[^"]*"[^>]*><span class="caption-text">([^<]+)', index)
+    assert "Studies and reports" in captions
+    guide = main_text(page(site, "guide/index"))
+    assert 'href="../evaluation.html' in guide  # the page users need most is in the guide
+
+
+def test_the_cli_reference_is_generated_from_the_parser(site):
+    sys.path.insert(0, str(DOCS))
+    from conf import cli_help_texts  # the function the page is built with
+
+    shown = text_of(page(site, "guide/cli"))
+    texts = cli_help_texts()
+    assert {command for command, _, _ in texts} >= {
+        "pyrovae",
+        "pyrovae train",
+        "pyrovae evaluate",
+        "pyrovae compare",
+        "pyrovae gaps",
+    }
+    for _, _, help_text in texts:
+        for line in help_text.splitlines()[:3]:
+            assert " ".join(line.split()) in shown
+
+
+def test_the_glossary_defines_every_number(site):
+    shown = text_of(page(site, "guide/glossary"))
+    for term in (
+        "nats per data point", "ELBO", "IWAE-k", "log p_hat", "SE", "paired SE", "ESS",
+        "k-hat", "AIS", "BDMC width", "inference gap", "approximation gap",
+        "amortization gap", "active units",
+    ):
+        assert term in shown, term

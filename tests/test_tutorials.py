@@ -8,18 +8,21 @@ three times:
   tutorial's page (``<name>.output.txt``, with every number replaced by ``#``), so that the
   pages cannot silently go stale;
 * the *numbers its page quotes*: each is written ``[0.104]{.printed}`` in ``<name>.md``
-  (MyST inline attributes), and must appear, with the printed precision, both in the stored
-  output and in what the script prints now;
+  (MyST inline attributes), and must appear, with the printed precision, in the stored
+  output, and at the same place in what the script prints now up to float noise (two units
+  of the last printed digit plus 0.5%: another CPU rounds differently);
 * its *content*: the statistical statements the page makes (bounds ordered, estimates
   matching the closed forms, diagnostics in range).
 
 The stored outputs were produced with ``OMP_NUM_THREADS=1`` on the reference environment
 (torch 2.13 CPU); the scripts fix every seed, so the same software reproduces them digit for
-digit. On other versions the quoted-number check fails with instructions to regenerate.
+digit; other CPUs move the last digits, which the tolerance of the quoted-number check
+absorbs. A number that moves further fails the check with instructions to regenerate.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -33,7 +36,7 @@ NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?%?|\binf\b|\bnan\b)")
 TABLE_ROW = re.compile(r"^(\w+)\s+(-?\d+\.\d+)\s+(\d+\.\d+)$")
 QUOTED = re.compile(r"\[([^\[\]]+)\]\{\.printed\}")
 """A number quoted from the script's output on a tutorial page: ``[0.104]{.printed}``."""
-NAMES = ("fit_vae_digits", "custom_model", "compare_bounds")
+NAMES = ("fit_vae_digits", "custom_model", "compare_bounds", "compare_models")
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +75,7 @@ def check_matches_stored_output(name: str, output: str) -> None:
         f"the output of {name}.py no longer has the shape of {name}.output.txt, which its page "
         f"shows; regenerate it: {REGENERATE.format(name=name)}"
     )
-    check_quoted_numbers(name, output, "what the script prints now")
+    check_quoted_numbers_reproduced(name, output, stored)
 
 
 REGENERATE = (
@@ -96,6 +99,42 @@ def check_quoted_numbers(name: str, output: str, source: str) -> None:
     assert not missing, (
         f"{name}.md quotes {missing}, which {source} does not contain; "
         f"{REGENERATE.format(name=name)}"
+    )
+
+
+RANGE = re.compile(r"(\d+\.\d+)-(\d+\.\d+)")
+RELATIVE_TOLERANCE = 0.005
+"""Float noise between machines: another CPU (same torch build) sums in another order, so
+training follows a slightly different path and printed numbers move in their last digits
+(0.0203 printed on one machine, 0.0202 on another). A fresh run reproduces a quoted number
+when it lies within two units of its last printed digit plus 0.5% of its size. Whether the
+statistical statements still hold is checked separately, with Monte Carlo standard errors."""
+
+
+def close(now: str, quoted: str) -> bool:
+    """Whether the printed token ``now`` reproduces the quoted ``quoted`` up to float noise."""
+    a, b = float(now.rstrip("%")), float(quoted.rstrip("%"))
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return now == quoted
+    decimals = len(quoted.rstrip("%").partition(".")[2].partition("e")[0])
+    return abs(a - b) <= 2 * 10.0**-decimals + RELATIVE_TOLERANCE * abs(b)
+
+
+def check_quoted_numbers_reproduced(name: str, output: str, stored: str) -> None:
+    """Each quoted number, found at its place in the stored output, is at the same place in
+    the fresh output up to float noise (the two outputs have the same skeleton)."""
+    was, now = NUMBER.findall(stored), NUMBER.findall(output)
+    assert len(was) == len(now)
+    moved = []
+    for value in quoted_numbers(name):
+        bounds = RANGE.fullmatch(value)
+        for part in [bounds.group(1), "-" + bounds.group(2)] if bounds else [value]:
+            places = [i for i, token in enumerate(was) if token == part]
+            if not any(close(now[i], part) for i in places):
+                moved.append((part, [now[i] for i in places]))
+    assert not moved, (
+        f"{name}.md quotes numbers that a fresh run no longer prints, up to float noise "
+        f"(quoted, printed now): {moved}; {REGENERATE.format(name=name)}"
     )
 
 
@@ -239,3 +278,49 @@ def test_compare_bounds(tmp_path):
     variance, _, _, share, mean_se, rms_error, bias, bias_se = rows["0.5"]
     assert variance == float("inf") and share > 0.5 and rms_error > 1.5 * mean_se
     assert bias < -3 * bias_se
+
+
+def test_quoted_numbers_are_compared_up_to_float_noise():
+    """0.0202 printed on another CPU reproduces a quoted 0.0203; 0.0250 does not."""
+    assert close("0.0202", "0.0203") and close("-10.8679", "-10.8678") and close("209", "209")
+    assert not close("0.0250", "0.0203") and not close("inf", "1.0") and close("inf", "inf")
+    assert close("98%", "98%") and not close("90%", "98%")
+
+
+REPORT_LINE = re.compile(r"^  iwae5 - vae by (.+?): (-?\d+\.\d+), paired SE (\d+\.\d+)", re.M)
+
+
+def test_compare_models(tmp_path):
+    name = "compare_models"
+    output = run_tutorial(name, tmp_path)
+    check_matches_stored_output(name, output)
+    stored = (TUTORIALS / f"{name}.output.txt").read_text()
+    now = {label: (float(d), float(se)) for label, d, se in REPORT_LINE.findall(output)}
+    was = {label: (float(d), float(se)) for label, d, se in REPORT_LINE.findall(stored)}
+    assert len(now) == 3 and now.keys() == was.keys()
+    for label, (difference, se) in now.items():
+        # The quoted differences are reproduced within three paired standard errors.
+        assert abs(difference - was[label][0]) < 3 * was[label][1], (label, difference)
+    is_row = compare_row("iwae5 - vae", output)
+    assert is_row["paired"] < is_row["unpaired"] / 3  # pairing removes the shared spread
+    # AIS lies above IS on average (a tighter stochastic lower bound); its bootstrap
+    # interval contains the mean correction.
+    for model in ("vae", "iwae5"):
+        match = re.search(
+            rf"^{model}: AIS - IS on the same 50 images: mean (-?[\d.]+), 95% bootstrap "
+            rf"interval \[(-?[\d.]+), (-?[\d.]+)\]",
+            output,
+            re.M,
+        )
+        mean, low, high = (float(v) for v in match.groups())
+        assert low <= mean <= high and high > 0
+    timings = [float(t) for t in re.findall(r"([\d.]+) s per image per 1000 steps", output)]
+    assert len(timings) == 2 and all(t > 0 for t in timings)
+
+
+def compare_row(label: str, output: str) -> dict:
+    """The difference row of ``Comparison.table()``: mean, paired SE, unpaired SE, z."""
+    numbers = r"\s+(-?[\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(-?[\d.]+)"
+    match = re.search(re.escape(label) + numbers, output)
+    mean, paired, unpaired, z = (float(v) for v in match.groups())
+    return {"mean": mean, "paired": paired, "unpaired": unpaired, "z": z}

@@ -1,4 +1,4 @@
-"""Tutorial 4: discrete latent variables, summed out exactly.
+"""Tutorial 5: discrete latent variables, summed out exactly.
 
 Two models whose log-likelihood is known in closed form, so that every estimate can be checked:
 

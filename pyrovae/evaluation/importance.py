@@ -4,7 +4,7 @@
 data in chunks whose (draw, data point) pairs stay under a budget, and reduces each chunk
 at once to per-datapoint estimates, so that memory does not grow with N:
 
-* ``log_px``: log p_hat(x) = logsumexp_k(w_k) - log K, with ``log_px_se`` (Monte Carlo
+* ``log_px``: log p_hat(x) = logsumexp_k(log w_k) - log K, with ``log_px_se`` (Monte Carlo
   standard error), ``ess`` (Kish effective sample size) and ``khat`` (Pareto k-hat, PSIS;
   -inf when all K weights are equal, e.g. an exact posterior);
 * ``elbo``: the ELBO with Monte Carlo KL; ``elbo_analytic``: with closed-form KL where the
@@ -67,7 +67,9 @@ from pyrovae.randomness import derived_seed
 from pyrovae.validation import check_data_tensors, sampling_options
 
 KHAT_THRESHOLD = 0.7
-"""Pareto k-hat above which an importance-sampled estimate is unreliable."""
+"""Pareto k-hat above which even a Pareto-*smoothed* estimate is unreliable (Vehtari et al.);
+pyrovae's ``log_px`` is plain importance sampling, whose standard error already fails above
+:data:`KHAT_INFINITE_VARIANCE` (0.5)."""
 
 CONSTANT_WEIGHT_SPREAD = 1e-6
 """Log weights of one data point spread less than this (nats) count as equal: no tail."""
@@ -258,6 +260,11 @@ class EvaluationResult:
     def to_csv(self, path: str | Path) -> Path:
         """Write the per-datapoint columns, one row per data point."""
         return write_per_datapoint_csv(self.per_datapoint, path)
+
+    def to_dataframe(self):
+        """The per-datapoint columns as a :class:`pandas.DataFrame`, one row per data point
+        (nats per data point; needs pandas, which pyrovae does not require)."""
+        return per_datapoint_frame(self.per_datapoint)
 
     def to_arviz(self):
         """Export to ArviZ (InferenceData in 0.x, DataTree in 1.x), group ``"evaluation"``,
@@ -784,6 +791,18 @@ def per_point_tensors(
     return [
         v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == length
     ]
+
+
+def per_datapoint_frame(columns: dict):
+    """Per-datapoint columns (equal lengths) as a :class:`pandas.DataFrame`, index
+    ``data_point``; an ImportError says how to install pandas when it is missing."""
+    try:
+        import pandas
+    except ImportError as error:
+        raise ImportError("to_dataframe() needs pandas: pip install pandas") from error
+    frame = pandas.DataFrame({name: np.asarray(values) for name, values in columns.items()})
+    frame.index.name = "data_point"
+    return frame
 
 
 def data_fingerprint(*tensors) -> str:
