@@ -93,7 +93,10 @@ memory available)."""
 REDUCTION_BYTES_PER_PAIR = 512
 """Bytes per (draw, data point) pair of the float64 reductions and the PSIS fit."""
 
-AIS_COMMAND = "pyrovae evaluate --model MODEL --method ais"
+AIS_COMMAND = (
+    "pyrovae evaluate --model MODEL --method ais (a built-in VAE file), or "
+    "pyrovae.evaluation.ais.ais(model, guide, *data) from Python (any model)"
+)
 
 
 def summary_rows(per_datapoint: dict, names) -> list[dict]:
