@@ -445,3 +445,24 @@ def test_ais_refuses_bad_settings_and_models():
         ais(discrete_latent_model, None, torch.zeros(3), num_steps=2, start="prior")
     with pytest.raises(ValueError, match="posterior_sample"):
         bdmc(model, guide, x, num_steps=2)
+
+
+def test_long_runs_report_each_block_with_the_time_left(float64):
+    """One line per block (the CLI prints them under -v), the last with nothing left."""
+    model, _ = make_linear_gaussian()
+    x, _ = simulate_data(model, 6)
+    lines = []
+    ais(
+        model,
+        None,
+        x,
+        start="prior",
+        num_steps=3,
+        num_chains=2,
+        tuning_chains=0,
+        max_pairs=4,
+        seed=0,
+        on_block=lines.append,
+    )
+    assert len(lines) == 3 and lines[0].startswith("AIS block 1/3: 2 of 6 points")
+    assert lines[-1].endswith("about 0 s left")

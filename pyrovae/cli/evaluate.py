@@ -43,6 +43,7 @@ def _run_bdmc(vae, args: argparse.Namespace, explicit: set, out: Output) -> None
         vae.guide,
         num_points=args.bdmc_points,
         progress=out.progress_bars,
+        on_block=out.detail,
         **ais_options(args, explicit),
     )
     out.summary("")
@@ -124,6 +125,7 @@ def _evaluate_ais(scored, args, explicit: set, out: Output) -> int:
         vae.guide,
         *vae.inputs(*scored.inputs),
         progress=out.progress_bars,
+        on_block=out.detail,
         **ais_options(args, explicit),
     )
     out.summary(result.table())

@@ -78,6 +78,7 @@ decoder-based generative models. ICLR.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -496,15 +497,18 @@ def _make_plan(model, guide, args, kwargs, options: dict) -> _Plan:
     )
 
 
-def _run_blocks(plan: _Plan, args, kwargs, seed, progress, desc, run_block) -> dict:
+def _run_blocks(plan: _Plan, args, kwargs, seed, progress, desc, run_block, on_block=None) -> dict:
     """Call ``run_block(target, start)`` on every block under its derived seed; concatenate
-    the returned per-datapoint columns."""
+    the returned per-datapoint columns; ``on_block`` gets one line per block."""
     length = _batched_length(args, kwargs)
     base_seed = _base_seed(seed)
     devices = _cuda_devices(args, kwargs)
     columns: dict[str, list[np.ndarray]] = {}
+    blocks = plan.blocks(length)
+    started = time.perf_counter()
     with tqdm(total=length, disable=not progress, desc=desc, unit="pt") as bar:
-        for block, (start, stop) in enumerate(plan.blocks(length)):
+        for block, (start, stop) in enumerate(blocks):
+            block_started = time.perf_counter()
             chunk_args, chunk_kwargs = _slice_arguments(args, kwargs, length, slice(start, stop))
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(derived_seed(base_seed, block))
@@ -512,7 +516,21 @@ def _run_blocks(plan: _Plan, args, kwargs, seed, progress, desc, run_block) -> d
                 for name, values in run_block(target, start).items():
                     columns.setdefault(name, []).append(values)
             bar.update(stop - start)
+            if on_block is not None:
+                on_block(
+                    _block_line(desc, block, len(blocks), stop, length, block_started, started)
+                )
     return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
+def _block_line(desc, block, blocks, done, length, block_started, started) -> str:
+    """'AIS block 3/10: 300 of 1000 points, 5.1 s; about 16 s left'."""
+    now = time.perf_counter()
+    left = (now - started) / done * (length - done)
+    return (
+        f"{desc} block {block + 1}/{blocks}: {done} of {length} points, "
+        f"{now - block_started:.1f} s; about {left:.0f} s left"
+    )
 
 
 def _estimate(log_weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -539,6 +557,7 @@ def ais(
     max_pairs: int = 2**15,
     seed: int | None = None,
     progress: bool = False,
+    on_block: Callable[[str], None] | None = None,
     **kwargs,
 ) -> AISResult:
     """Annealed importance sampling estimate of log p(x), per data point (Neal, 2001).
@@ -584,7 +603,10 @@ def ais(
         Seeds Pyro's RNGs; each block of data points draws from a seed derived from it and
         the block's index.
     progress : bool
-        Show a progress bar over data points.
+        Show a progress bar over data points (with its estimated time left).
+    on_block : callable, optional
+        Called after every block of data points with one line: the block, the points done,
+        its seconds and an estimate of the time left (the CLI prints it under ``-v``).
 
     Returns
     -------
@@ -618,7 +640,7 @@ def ais(
             "step_size": run.final_step_size.numpy(),
         }
 
-    columns = _run_blocks(plan, args, kwargs, seed, progress, "AIS", run_block)
+    columns = _run_blocks(plan, args, kwargs, seed, progress, "AIS", run_block, on_block)
     return AISResult(columns, num_steps, num_chains, plan.settings(schedule))
 
 
@@ -686,6 +708,7 @@ def bdmc(
     max_pairs: int = 2**15,
     seed: int | None = None,
     progress: bool = False,
+    on_block: Callable[[str], None] | None = None,
     **kwargs,
 ) -> BDMCResult:
     """Bidirectional Monte Carlo (Grosse et al., 2015; Wu et al., 2017): a stochastic
@@ -756,7 +779,9 @@ def bdmc(
         }
 
     seed_for_blocks = None if seed is None else derived_seed(seed, 1)
-    columns = _run_blocks(plan, args, kwargs, seed_for_blocks, progress, "BDMC", run_block)
+    columns = _run_blocks(
+        plan, args, kwargs, seed_for_blocks, progress, "BDMC", run_block, on_block
+    )
     return BDMCResult(
         columns, num_steps, num_chains, plan.settings(schedule), tuple(args), posterior_sample
     )
