@@ -298,7 +298,7 @@ def test_compare_models(tmp_path):
     now = {label: (float(d), float(se)) for label, d, se in REPORT_LINE.findall(output)}
     was = {label: (float(d), float(se)) for label, d, se in REPORT_LINE.findall(stored)}
     assert len(now) == 3 and now.keys() == was.keys()
-    for label, (difference, se) in now.items():
+    for label, (difference, _se) in now.items():
         # The quoted differences are reproduced within three paired standard errors.
         assert abs(difference - was[label][0]) < 3 * was[label][1], (label, difference)
     is_row = compare_row("iwae5 - vae", output)
