@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import subprocess
 import sys
 import time
@@ -263,7 +262,7 @@ def provenance(paths: dict, data_dir, commit: str) -> None:
     data_file = resolve_data_dir(data_dir) / BINARIZED_MNIST_NPZ
     if data_file.is_file():
         print(f"data {data_file.name}: sha256 {sha256(data_file)}")
-    for (name, seed), path in sorted(paths.items()):
+    for _key, path in sorted(paths.items()):
         print(f"{path.name}: {path.stat().st_size / 1e6:.2f} MB, sha256 {sha256(path)}")
 
 
