@@ -4,7 +4,8 @@ For a model whose discrete local site y is summed out by enumeration (a mixture 
 class label: see :mod:`pyrovae.evaluation.traces`), the posterior over its values given the
 data point is, with draws z_k ~ q(z | x_n),
 
-    p(y = c | x_n) = sum_k w_k(c) / sum_k sum_c' w_k(c'),   w_k(c) = p(x_n, y = c, z_k) / q(z_k | x_n),
+    p(y = c | x_n) = sum_k w_k(c) / sum_k sum_c' w_k(c'),
+    w_k(c) = p(x_n, y = c, z_k) / q(z_k | x_n),
 
 a self-normalized importance-sampling estimate (consistent as K grows; exact for any K when
 the guide is the exact posterior of z given x). Its argmax classifies a point by the fitted
