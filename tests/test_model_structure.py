@@ -490,3 +490,66 @@ def test_a_batchnorm_guide_trains_and_evaluates(float64):
     assert np.isfinite(history.column("valid_elbo")).all()
     result = fitted.evaluate(x, num_samples=50, ks=(1,), seed=0, latent_diagnostics=False)
     assert np.isfinite(result.per_datapoint["log_px"]).all()
+
+
+TRANSITION = torch.nn.Linear(1, 1, bias=False)
+with torch.no_grad():
+    TRANSITION.weight.fill_(0.5)
+TRANSITION.requires_grad_(False)
+
+
+def markov_model(x, lengths):
+    """A linear-Gaussian state-space model as a deep Markov model is written: a pyro.markov
+    loop, a registered network, and steps past each sequence's length masked."""
+    pyro.module("transition", TRANSITION.double())
+    with pyro.plate("data", x.shape[0]):
+        z = torch.zeros(x.shape[0], 1, dtype=x.dtype)
+        for t in pyro.markov(range(x.shape[1])):
+            with poutine.mask(mask=t < lengths):
+                z = pyro.sample(f"z_{t}", dist.Normal(TRANSITION(z), 1.0).to_event(1))
+                pyro.sample(f"x_{t}", dist.Normal(z, NOISE).to_event(1), obs=x[:, t])
+
+
+def kalman_log_px(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Exact log p(x_{<length}) by the Kalman filter (a = 0.5, unit transition noise)."""
+    totals = []
+    for row, length in zip(x[:, :, 0], lengths, strict=True):
+        mean, variance, total = 0.0, 0.0, 0.0
+        for t in range(int(length)):
+            mean, variance = 0.5 * mean, 0.25 * variance + 1.0  # predict z_t
+            total += float(dist.Normal(mean, math.sqrt(variance + NOISE**2)).log_prob(row[t]))
+            gain = variance / (variance + NOISE**2)
+            mean, variance = mean + gain * (float(row[t]) - mean), (1 - gain) * variance
+        totals.append(total)
+    return torch.tensor(totals)
+
+
+def test_a_deep_markov_model_with_padding_is_exact_under_is_and_ais(float64):
+    from pyrovae.evaluation.ais import ais
+
+    torch.manual_seed(7)
+    x, lengths = torch.randn(30, 3, 1) * 1.5, torch.randint(1, 4, (30,))
+    guide = AmortizedGuide(markov_model, x[:3], lengths[:3], hidden_sizes=(16,))
+    fitted = fitted_guide(markov_model, guide, x, lengths, epochs=150)
+    exact = kalman_log_px(x, lengths)
+    result = fitted.evaluate(
+        x, lengths, num_samples=2000, ks=(1,), seed=0, latent_diagnostics=False
+    )
+    assert_matches_exact(result, exact)
+    annealed = ais(
+        fitted.model, fitted.guide, x[:10], lengths[:10], num_steps=20, num_chains=8, seed=0
+    )
+    difference = annealed.log_px - exact[:10].numpy()
+    se = math.sqrt(float(np.sum(annealed.log_px_se**2))) / 10
+    assert abs(difference.mean()) < 4 * se + 0.02
+
+
+def test_ais_refuses_code_written_for_one_draw_with_the_reason(float64):
+    from pyrovae.evaluation.ais import ais
+
+    x, y, _ = cvae_data(6)
+    guide = AmortizedGuide(
+        one_draw_cvae, x[:3], y[:3], hidden_sizes=(4,), encoder_input=encode_with_label
+    )
+    with pytest.raises(ValueError, match="AIS runs its chains in one vectorized plate"):
+        ais(one_draw_cvae, guide, x, y, num_steps=2, num_chains=2)

@@ -483,6 +483,14 @@ def _make_plan(model, guide, args, kwargs, options: dict) -> _Plan:
             "variables with HMC. Leave them out of the guide: AIS then sums them out exactly "
             "(enumeration) inside log p(x, z)"
         )
+    if not structure.vectorized:
+        raise ValueError(
+            "AIS runs its chains in one vectorized plate, and this model and guide do not "
+            f"broadcast over a leading dimension ({structure.why_sequential}). Write the code "
+            "to broadcast over leading dimensions (index and concatenate from the right, "
+            "dim=-1), or estimate log p(x) by importance sampling (evaluate), which draws "
+            "one particle per pass for such programs"
+        )
     nesting = structure.max_plate_nesting
     return _Plan(
         model,

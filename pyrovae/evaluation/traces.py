@@ -42,6 +42,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.util import is_identically_zero
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
@@ -283,7 +284,25 @@ def enumerated_program(program: Callable, first_enum_dim: int, given=()) -> Call
         return {}
 
     marked = poutine.infer_config(program, config)
-    return poutine.enum(marked, first_available_dim=first_enum_dim)
+    return _ReplayAwareEnumerate(first_available_dim=first_enum_dim)(marked)
+
+
+class _ReplayAwareEnumerate(EnumMessenger):
+    """Pyro's parallel enumeration, for a model replayed on a guide's draws inside
+    ``pyro.markov``: the ``pyro.markov`` scope of a later site (a deep Markov model's x_t)
+    names the replayed draws (z_t), which Pyro's messenger skips and so never records; here
+    they count as out of scope, which is what they are for enumeration (their values carry
+    no enumeration dims)."""
+
+    def __enter__(self):
+        entered = super().__enter__()
+        self._markov_depths = _UnrecordedOutOfScope(self._markov_depths)
+        return entered
+
+
+class _UnrecordedOutOfScope(dict):
+    def __missing__(self, name: str) -> None:
+        return None  # never equal to a Markov depth
 
 
 def resolve_plate_nesting(value) -> int | None:

@@ -213,9 +213,12 @@ class AmortizedGuide(LocalParamsModule):
 
     def _model_masks_and_scales(self, args: tuple, kwargs: dict) -> dict:
         """{site: (mask, scale, inner plate sizes)} of the model's latent sites on this call,
-        read by running the model with its sample sites hidden, on private random streams."""
-        with private_randomness(args, kwargs), torch.no_grad():
-            with poutine.block(hide_types=["sample", "observe"]):
+        read by running the model with its sample and param sites hidden, on private random
+        streams and a private parameter store (its param statements touch no real one)."""
+        private_store = pyro.get_param_store().scope()
+        global_params = pyro.settings.context(module_local_params=False)
+        with private_randomness(args, kwargs), torch.no_grad(), global_params, private_store:
+            with poutine.block(hide_types=["sample", "observe", "param"]):
                 trace = poutine.trace(self.model).get_trace(*args, **kwargs)
         read = {}
         for site in self.sites:
