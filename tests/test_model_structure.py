@@ -553,3 +553,16 @@ def test_ais_refuses_code_written_for_one_draw_with_the_reason(float64):
     )
     with pytest.raises(ValueError, match="AIS runs its chains in one vectorized plate"):
         ais(one_draw_cvae, guide, x, y, num_steps=2, num_chains=2)
+
+
+def test_an_inner_plate_of_another_size_than_the_examples_is_one_clear_error(float64):
+    def steps_model(x):  # one latent per column: the inner plate's size follows the data
+        with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("steps", x.shape[1], dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, NOISE), obs=x)
+
+    guide = AmortizedGuide(
+        steps_model, torch.randn(3, 4), hidden_sizes=(4,), encoder_input=lambda x: x[:, :1]
+    )
+    with pytest.raises(ValueError, match="plate 'steps' around latent site 'z' has size 6"):
+        poutine.trace(guide).get_trace(torch.randn(5, 6))

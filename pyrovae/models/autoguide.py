@@ -16,7 +16,8 @@ what the estimators need the guide to match (see :mod:`pyrovae.evaluation.struct
   the mask and scale of the current call by running the model (its sample sites hidden, on
   private random streams) and applies the same ones, so that log q and log p cover the same
   entries with the same weights. This costs one extra model pass per guide call, only for
-  models that mask or scale latent sites.
+  models that mask or scale latent sites or nest them in inner plates (whose sizes are then
+  checked against the example's).
 
 One shared encoder network gives every site's head its features. The result is an ordinary
 Pyro guide, trained and evaluated by
@@ -171,7 +172,10 @@ class AmortizedGuide(LocalParamsModule):
         self.data_plate = data_plate
         self.data_dim = _data_dim(self.sites[0]) if self.sites else -1
         object.__setattr__(self, "encoder_input", encoder_input)
-        object.__setattr__(self, "model", model if any(s.reads_model for s in self.sites) else None)
+        # The model is read on each call where it masks or scales a latent site, or nests
+        # one in an inner plate (whose size this call must share with the example's).
+        reads = any(s.reads_model or s.inner_plates for s in self.sites)
+        object.__setattr__(self, "model", model if reads else None)
         width = encoder_input(*example_args, **example_kwargs).shape[-1]
         self.trunk = MLP(width, hidden_sizes, activation)
         features = self.trunk.out_features
