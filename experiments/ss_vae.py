@@ -102,7 +102,8 @@ def split_data(data_dir, unlabelled: int):
     pool, held_out = order[:POOL_SIZE], order[POOL_SIZE:]
     x, y = splits.test.float(), splits.test_labels.long()
     train_order = torch.from_numpy(np.random.default_rng(0).permutation(len(splits.train)))
-    return (x[pool], y[pool]), (x[held_out], y[held_out]), splits.train[train_order[:unlabelled]].float()
+    unlabelled_x = splits.train[train_order[:unlabelled]].float()
+    return (x[pool], y[pool]), (x[held_out], y[held_out]), unlabelled_x
 
 
 def balanced_labels(pool_y: torch.Tensor, count: int, seed: int) -> torch.Tensor:
@@ -135,14 +136,15 @@ def unlabelled_inputs(x: torch.Tensor):
 
 
 def train_one(args, pool, unlabelled_x, count: int, seed: int):
-    """Train one M2 model (or load its file from ``--models``): (fitted, fit seconds)."""
+    """Train one M2 model (or load its file from ``--models``): (fitted, fit seconds, whether
+    the file was reused)."""
     train = training_set(pool, unlabelled_x, count, seed)
     torch.manual_seed(seed)
     model, guide = build(args, train)
     path = args.models / f"m2_labels{count}_seed{seed}.pt" if args.models else None
     if path is not None and path.exists():
         fitted = LatentVariableModel.load(path, model, guide)
-        return fitted, fitted.metadata_["fit_seconds"]
+        return fitted, fitted.metadata_["fit_seconds"], True
     fitted = LatentVariableModel(model, guide)
     start = time.perf_counter()
     fitted.fit(train, objective=args.objective, epochs=args.epochs, batch_size=args.batch_size,
@@ -150,7 +152,7 @@ def train_one(args, pool, unlabelled_x, count: int, seed: int):
     seconds = time.perf_counter() - start
     if path is not None:
         fitted.save(path, metadata={"fit_seconds": seconds}, include_training_state=False)
-    return fitted, seconds
+    return fitted, seconds, False
 
 
 def measure(args, fitted, test, seed: int) -> dict:
@@ -187,9 +189,12 @@ def between_seed(rows: list[dict]) -> tuple[float, float]:
 def parse_runs(text: str) -> list[tuple[int, int]]:
     """'100:0,100:1,3000:0' -> [(100, 0), (100, 1), (3000, 0)]."""
     try:
-        return [tuple(int(v) for v in item.split(":")) for item in text.split(",")]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"runs must look like 100:0,3000:0, not {text!r}") from error
+        runs = [tuple(int(v) for v in item.split(":")) for item in text.split(",")]
+    except ValueError:
+        runs = []
+    if not runs or any(len(run) != 2 for run in runs):
+        raise argparse.ArgumentTypeError(f"runs must look like 100:0,3000:0, not {text!r}")
+    return runs
 
 
 def parser() -> argparse.ArgumentParser:
@@ -231,10 +236,10 @@ def main(argv=None) -> list[dict]:
     started = time.perf_counter()
     trained = []
     for count, seed in args.runs:
-        fitted, seconds = train_one(args, pool, unlabelled_x, count, seed)
-        last = fitted.history_.column("train_elbo")[-1] if fitted.history_ else float("nan")
-        print(f"labels {count:5d} seed {seed}: trained in {seconds:.0f} s, last epoch's"
-              f" train ELBO {last:.2f}", flush=True)
+        fitted, seconds, reused = train_one(args, pool, unlabelled_x, count, seed)
+        last = fitted.history_.column("train_elbo")[-1]
+        print(f"labels {count:5d} seed {seed}: {'file reused, ' if reused else ''}trained in"
+              f" {seconds:.0f} s, last epoch's train ELBO {last:.2f}", flush=True)
         trained.append((count, seed, fitted, seconds))
     rows = []
     for count, seed, fitted, seconds in trained:
