@@ -271,3 +271,34 @@ def test_gaps_and_compare_work_on_an_enumerated_model(mixture_fit, float64):
     assert abs(column.mean() - exact) < 4 * column.std() / math.sqrt(len(column)) + 0.05
     result = compare({"a": fitted, "b": fitted}, points, num_samples=100, seed=0)
     assert "a - b" in result.table()
+
+
+def test_the_label_posterior_is_the_exact_bayes_posterior(float64):
+    """p(y | x) of M2's unlabelled points against pi_y N(x; b_y, (1 + s^2) I) normalized; the
+    tolerance is four standard errors estimated from two independent runs."""
+    x, y, labelled, _ = m2_data()
+    guide = AmortizedGuide(
+        m2, x[:3], y[:3], labelled[:3], encoder_input=encode_m2, hidden_sizes=(16,)
+    )
+    fitted = LatentVariableModel(m2, guide)
+    fitted.fit(
+        (x, y, labelled),
+        epochs=80,
+        batch_size=40,
+        learning_rate=3e-2,
+        compile="none",
+        progress=False,
+    )
+    unlabelled = torch.zeros_like(labelled)
+    first = fitted.discrete_posterior(x, y, unlabelled, site="y", num_samples=1000, seed=0)
+    second = fitted.discrete_posterior(x, y, unlabelled, site="y", num_samples=1000, seed=1)
+    joint = PRIOR.log() + dist.Normal(OFFSETS, math.sqrt(1 + NOISE**2)).log_prob(x[:, None, :]).sum(
+        -1
+    )
+    exact = torch.softmax(joint, -1)
+    assert first.shape == (40, 3) and torch.allclose(first.sum(-1), torch.ones(40))
+    spread = (first - second).abs().mean(0) / math.sqrt(2)  # per class, one run's error
+    error = ((first + second) / 2 - exact).mean(0).abs()
+    assert bool((error < 4 * spread / math.sqrt(40) + 1e-3).all()), (error, spread)
+    observed = fitted.discrete_posterior(x, y, labelled, site="y", num_samples=10, seed=0)
+    assert torch.allclose(observed[labelled], torch.full((int(labelled.sum()), 3), 1 / 3))

@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.util import prune_subsample_sites
 
 from pyrovae.evaluation.traces import (
     PARTICLE_PLATE,
     _batched_length,
+    _sample_sites,
     _slice_arguments,
     guess_max_plate_nesting,
     reduce_terms,
@@ -268,14 +268,6 @@ def check_model_sites(model_trace, data_plate: str) -> list[SiteStructure]:
     return list(sites.values())
 
 
-def _sample_sites(trace) -> dict:
-    return {
-        name: site
-        for name, site in prune_subsample_sites(trace).nodes.items()
-        if site["type"] == "sample" and not site["infer"].get("_deterministic")
-    }
-
-
 def _data_plate_dim(trace, data_plate: str) -> int:
     dims = {}
     for site in trace.nodes.values():
@@ -481,17 +473,7 @@ def _check_enumeration(model, guide, args, kwargs, structure: ModelStructure) ->
     if not discrete:
         return
     try:
-        run_traces(
-            model,
-            guide,
-            args,
-            kwargs,
-            1,
-            structure.data_plate,
-            structure.max_plate_nesting,
-            site_scales=True,
-            vectorized=False,
-        )
+        _one_pass_log_weights(model, guide, args, kwargs, structure)
     except Exception as error:  # noqa: BLE001 - reported with its first line
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ValueError(
@@ -536,9 +518,15 @@ def _one_draw_terms(model, guide, args, kwargs, together, k: int, structure) -> 
         replay.nodes[name] = {**site, "value": value}
     replayed = poutine.replay(guide, trace=replay)
     indices = _subsample_indices(together.model_trace)  # the same subsample in both runs
+    model = poutine.condition(model, data=indices) if indices else model
+    return _one_pass_log_weights(model, replayed, args, kwargs, structure)
+
+
+def _one_pass_log_weights(model, guide, args, kwargs, structure) -> torch.Tensor:
+    """Log weights of one draw per data point, without a particle plate: shape (1, N)."""
     alone = run_traces(
-        poutine.condition(model, data=indices) if indices else model,
-        replayed,
+        model,
+        guide,
         args,
         kwargs,
         1,

@@ -532,6 +532,27 @@ class LatentVariableModel(nn.Module):
                 float64_fallback=float64_fallback,
             )
 
+    @evaluates("self")
+    def discrete_posterior(
+        self, *args, site: str, num_samples: int = 100, seed: int | None = None, max_pairs=2**16
+    ) -> torch.Tensor:
+        """p(site = c | x_n), shape (N, C), of an enumerated discrete site (a class label, a
+        mixture component) by self-normalized importance sampling with ``num_samples``
+        draws of the guide per point; see :func:`pyrovae.evaluation.discrete.discrete_posterior`.
+        Its ``argmax(-1)`` classifies the points by the fitted model."""
+        from pyrovae.evaluation.discrete import discrete_posterior
+
+        checked = sampling_options(dict(num_samples=num_samples, seed=seed, max_pairs=max_pairs))
+        with thread_default(self, progress=False):
+            return discrete_posterior(
+                self.model,
+                self.guide,
+                *self.inputs(*args),
+                site=site,
+                data_plate=self.data_plate,
+                **checked,
+            )
+
     # -- files -------------------------------------------------------------------------
     def payload(
         self,
