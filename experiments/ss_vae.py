@@ -19,7 +19,8 @@ images are split once (permutation with seed 0) into a *labelled pool* of 5000 a
 *held-out test set* of 5000; each run draws its balanced labelled set (``n/10`` per class)
 from the pool with the run's seed; the unlabelled images are the first ``--unlabelled`` of
 a seed-0 permutation of the 50000 (label-free) training images, the same for every run.
-Every number below is on the held-out 5000 (or its first ``--is-points`` for log p(x)).
+Every number below is on the held-out 5000 (its first ``--test-points`` for the error, its
+first ``--is-points`` for log p(x)).
 
 Reported per run: classification error on the held-out test set (binomial SE), test
 log p(x) by importance sampling with labels summed out (K = ``--is-samples``, mean over
@@ -158,9 +159,10 @@ def train_one(args, pool, unlabelled_x, count: int, seed: int):
 def measure(args, fitted, test, seed: int) -> dict:
     """Classification error on the held-out test set and its IS log p(x), labels summed out."""
     start = time.perf_counter()
-    posterior = fitted.discrete_posterior(*unlabelled_inputs(test[0]), site="y",
+    images, labels = test[0][: args.test_points], test[1][: args.test_points]
+    posterior = fitted.discrete_posterior(*unlabelled_inputs(images), site="y",
                                           num_samples=args.posterior_samples, seed=seed)
-    wrong = (posterior.argmax(-1) != test[1]).double()
+    wrong = (posterior.argmax(-1) != labels).double()
     classify_seconds = time.perf_counter() - start
     start = time.perf_counter()
     result = fitted.evaluate(*unlabelled_inputs(test[0][: args.is_points]),
@@ -210,8 +212,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default="trace_meanfield_elbo")
     p.add_argument("--compile", default="none",
                    help="auto falls back to eager Pyro here (the obs_mask site does not trace)")
-    p.add_argument("--posterior-samples", type=int, default=20)
-    p.add_argument("--is-points", type=int, default=1000)
+    p.add_argument("--test-points", type=int, default=POOL_SIZE,
+                   help="held-out test images classified (the first of them)")
+    p.add_argument("--posterior-samples", type=int, default=10)
+    p.add_argument("--is-points", type=int, default=500)
     p.add_argument("--is-samples", type=int, default=100)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--models", type=Path, default=None,
@@ -231,7 +235,8 @@ def main(argv=None) -> list[dict]:
           f" and held-out test {len(test[0])} (halves of the labelled test split)")
     print(f"M2: latent {args.latent}, hidden {args.hidden}, {args.objective}, {args.epochs} epochs,"
           f" batch {args.batch_size}, lr {args.learning_rate}; classifier p(y|x) by IS with"
-          f" K = {args.posterior_samples}; log p(x) by IS with K = {args.is_samples} on"
+          f" K = {args.posterior_samples} on {min(args.test_points, len(test[0]))} test images;"
+          f" log p(x) by IS with K = {args.is_samples} on"
           f" {args.is_points} test images")
     started = time.perf_counter()
     trained = []

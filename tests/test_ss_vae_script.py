@@ -48,7 +48,7 @@ def test_pool_and_held_out_test_set_are_disjoint_halves_of_the_labelled_split(st
 def test_tiny_study_runs_end_to_end_and_reuses_its_models(study, tmp_path, data_dir, capsys):
     small = [
         "--runs", "20:0,20:1", "--unlabelled", "200", "--epochs", "1", "--hidden", "16",
-        "--latent", "4", "--posterior-samples", "4", "--is-points", "20", "--is-samples", "8",
+        "--latent", "4", "--test-points", "200", "--posterior-samples", "4", "--is-points", "20", "--is-samples", "8",
         "--models", str(tmp_path), "--data-dir", str(data_dir),
     ]
     rows = study.main(small)
