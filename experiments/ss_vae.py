@@ -121,12 +121,15 @@ def balanced_labels(pool_y: torch.Tensor, count: int, seed: int) -> torch.Tensor
     return torch.from_numpy(np.concatenate(chosen))
 
 
-def training_set(pool, unlabelled_x, count: int, seed: int):
-    """(x, y, labelled): the ``count`` labelled pool images then the unlabelled images."""
-    chosen = balanced_labels(pool[1], count, seed)
+def training_set(pool, unlabelled_x, count: int, seed: int, copies: int = 1):
+    """(x, y, labelled): the ``count`` labelled pool images (each ``copies`` times, which
+    weights their ELBO terms by ``copies``) then the unlabelled images."""
+    if copies < 1:
+        raise ValueError(f"label copies must be at least 1, not {copies}")
+    chosen = balanced_labels(pool[1], count, seed).repeat(copies)
     x = torch.cat([pool[0][chosen], unlabelled_x])
     y = torch.cat([pool[1][chosen], torch.zeros(len(unlabelled_x), dtype=torch.long)])
-    labelled = torch.cat([torch.ones(count, dtype=torch.bool),
+    labelled = torch.cat([torch.ones(len(chosen), dtype=torch.bool),
                           torch.zeros(len(unlabelled_x), dtype=torch.bool)])
     return x, y, labelled
 
@@ -139,10 +142,12 @@ def unlabelled_inputs(x: torch.Tensor):
 def train_one(args, pool, unlabelled_x, count: int, seed: int):
     """Train one M2 model (or load its file from ``--models``): (fitted, fit seconds, whether
     the file was reused)."""
-    train = training_set(pool, unlabelled_x, count, seed)
+    train = training_set(pool, unlabelled_x, count, seed, args.label_copies)
     torch.manual_seed(seed)
     model, guide = build(args, train)
-    path = args.models / f"m2_labels{count}_seed{seed}.pt" if args.models else None
+    copies = f"_copies{args.label_copies}" if args.label_copies > 1 else ""
+    name = f"m2_labels{count}{copies}_seed{seed}.pt"
+    path = args.models / name if args.models else None
     if path is not None and path.exists():
         fitted = LatentVariableModel.load(path, model, guide)
         return fitted, fitted.metadata_["fit_seconds"], True
@@ -204,6 +209,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=parse_runs, default=parse_runs("100:0,100:1,100:2,3000:0"),
                    help="label-count:seed pairs")
     p.add_argument("--unlabelled", type=int, default=20000)
+    p.add_argument("--label-copies", type=int, default=1,
+                   help="repeat each labelled image this many times in the training set")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--latent", type=int, default=16)
@@ -234,7 +241,8 @@ def main(argv=None) -> list[dict]:
     print(f"data: {len(unlabelled_x)} unlabelled training images, labelled pool {len(pool[0])}"
           f" and held-out test {len(test[0])} (halves of the labelled test split)")
     print(f"M2: latent {args.latent}, hidden {args.hidden}, {args.objective}, {args.epochs} epochs,"
-          f" batch {args.batch_size}, lr {args.learning_rate}; classifier p(y|x) by IS with"
+          f" batch {args.batch_size}, lr {args.learning_rate}, each labelled image"
+          f" {args.label_copies} time(s) in the training set; classifier p(y|x) by IS with"
           f" K = {args.posterior_samples} on {min(args.test_points, len(test[0]))} test images;"
           f" log p(x) by IS with K = {args.is_samples} on"
           f" {args.is_points} test images")

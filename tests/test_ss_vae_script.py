@@ -36,6 +36,17 @@ def test_balanced_labels_draw_count_over_ten_distinct_images_of_each_class(study
         study.balanced_labels(pool_y, 400, seed=0)
 
 
+def test_label_copies_repeat_the_labelled_images_only(study):
+    pool = (torch.arange(100.0)[:, None].expand(100, 3), torch.arange(100) % 10)
+    unlabelled = torch.full((7, 3), -1.0)
+    x, y, labelled = study.training_set(pool, unlabelled, 20, seed=0, copies=3)
+    assert len(x) == 67 and labelled.sum() == 60 and not labelled[60:].any()
+    assert torch.equal(x[:20], x[20:40]) and torch.equal(y[:20], y[40:60])
+    assert torch.equal(pool[1][x[:60, 0].long()], y[:60])  # each image keeps its label
+    with pytest.raises(ValueError, match="at least 1"):
+        study.training_set(pool, unlabelled, 20, seed=0, copies=0)
+
+
 def test_pool_and_held_out_test_set_are_disjoint_halves_of_the_labelled_split(study, data_dir):
     pool, test, unlabelled = study.split_data(data_dir, 50)
     assert len(pool[0]) == len(test[0]) == 5000 and len(unlabelled) == 50
