@@ -161,14 +161,27 @@ def train_one(args, pool, unlabelled_x, count: int, seed: int):
     return fitted, seconds, False
 
 
-def measure(args, fitted, test, seed: int) -> dict:
-    """Classification error on the held-out test set and its IS log p(x), labels summed out."""
-    start = time.perf_counter()
-    images, labels = test[0][: args.test_points], test[1][: args.test_points]
+def labelled_images(pool, count: int, seed: int):
+    """The run's labelled images and their labels (each once)."""
+    chosen = balanced_labels(pool[1], count, seed)
+    return pool[0][chosen], pool[1][chosen]
+
+
+def classification_error(args, fitted, images, labels, seed: int) -> torch.Tensor:
+    """Per-image 0/1 loss of argmax_c p(y = c | x) (labels hidden from model and guide)."""
     posterior = fitted.discrete_posterior(*unlabelled_inputs(images), site="y",
                                           num_samples=args.posterior_samples, seed=seed)
-    wrong = (posterior.argmax(-1) != labels).double()
+    return (posterior.argmax(-1) != labels).double()
+
+
+def measure(args, fitted, test, labelled, seed: int) -> dict:
+    """Classification error on the held-out test set and on the run's own labelled images
+    (shown without their labels), and the IS log p(x) of test images, labels summed out."""
+    start = time.perf_counter()
+    wrong = classification_error(args, fitted, test[0][: args.test_points],
+                                 test[1][: args.test_points], seed)
     classify_seconds = time.perf_counter() - start
+    train_wrong = classification_error(args, fitted, *labelled, seed)
     start = time.perf_counter()
     result = fitted.evaluate(*unlabelled_inputs(test[0][: args.is_points]),
                              num_samples=args.is_samples, ks=(1,), seed=seed,
@@ -177,6 +190,7 @@ def measure(args, fitted, test, seed: int) -> dict:
     return {
         "error": float(wrong.mean()),
         "error_se": float(wrong.std() / math.sqrt(len(wrong))),
+        "labelled_error": float(train_wrong.mean()),
         "log_px": float(log_px.mean()),
         "log_px_se": float(log_px.std(ddof=1) / math.sqrt(len(log_px))),
         "mc_se": float(np.mean(result.per_datapoint["log_px_se"])),
@@ -257,19 +271,22 @@ def main(argv=None) -> list[dict]:
     rows = []
     for count, seed, fitted, seconds in trained:
         row = {"labels": count, "seed": seed, "fit_seconds": seconds,
-               **measure(args, fitted, test, seed)}
+               **measure(args, fitted, test, labelled_images(pool, count, seed), seed)}
         rows.append(row)
         print(f"labels {count:5d} seed {seed}: error {100 * row['error']:.2f}%"
-              f" (SE {100 * row['error_se']:.2f}), log p(x) {row['log_px']:.2f}"
+              f" (SE {100 * row['error_se']:.2f}; on its own labelled images with the labels"
+              f" hidden {100 * row['labelled_error']:.2f}%), log p(x) {row['log_px']:.2f}"
               f" (SE {row['log_px_se']:.2f} over images, MC SE {row['mc_se']:.3f}),"
               f" ELBO {row['elbo']:.2f}; classify {row['classify_seconds']:.0f} s,"
               f" IS {row['is_seconds']:.0f} s", flush=True)
     for count in sorted({r["labels"] for r in rows}):
         group = [r for r in rows if r["labels"] == count]
         mean, se = between_seed(group)
-        log_px = np.mean([r["log_px"] for r in group])
+        log_px = np.array([r["log_px"] for r in group])
+        log_px_se = log_px.std(ddof=1) / math.sqrt(len(log_px)) if len(log_px) > 1 else math.nan
         print(f"summary labels {count}: {len(group)} seed(s), error {100 * mean:.2f}%"
-              f" (between-seed SE {100 * se:.2f}), log p(x) {log_px:.2f}")
+              f" (between-seed SE {100 * se:.2f}), log p(x) {log_px.mean():.2f}"
+              f" (between-seed SE {log_px_se:.2f})")
     print(f"total wall time {time.perf_counter() - started:.0f} s")
     return rows
 

@@ -59,7 +59,8 @@ def test_pool_and_held_out_test_set_are_disjoint_halves_of_the_labelled_split(st
 def test_tiny_study_runs_end_to_end_and_reuses_its_models(study, tmp_path, data_dir, capsys):
     small = [
         "--runs", "20:0,20:1", "--unlabelled", "200", "--epochs", "1", "--hidden", "16",
-        "--latent", "4", "--test-points", "200", "--posterior-samples", "4", "--is-points", "20", "--is-samples", "8",
+        "--latent", "4", "--test-points", "200", "--posterior-samples", "4", "--is-points", "20",
+        "--is-samples", "8",
         "--models", str(tmp_path), "--data-dir", str(data_dir),
     ]
     rows = study.main(small)
@@ -67,8 +68,10 @@ def test_tiny_study_runs_end_to_end_and_reuses_its_models(study, tmp_path, data_
     assert output.count("trained in") == 2
     assert len(rows) == 2 and all(0 <= r["error"] <= 1 for r in rows)
     assert all(-784 * np.log(2) * 2 < r["log_px"] < 0 for r in rows)
-    assert re.search(r"summary labels 20: 2 seed\(s\), error [\d.]+% \(between-seed SE [\d.]+\)",
-                     output)
+    summary = (r"summary labels 20: 2 seed\(s\), error [\d.]+% \(between-seed SE [\d.]+\),"
+               r" log p\(x\) -[\d.]+ \(between-seed SE [\d.]+\)")
+    assert re.search(summary, output)
+    assert output.count("on its own labelled images with the labels hidden") == 2
     again = study.main(small)  # the model files are reused: same numbers
     assert capsys.readouterr().out.count("file reused, trained in") == 2
     assert [r["error"] for r in again] == [r["error"] for r in rows]
