@@ -167,21 +167,22 @@ def labelled_images(pool, count: int, seed: int):
     return pool[0][chosen], pool[1][chosen]
 
 
-def classification_error(args, fitted, images, labels, seed: int) -> torch.Tensor:
-    """Per-image 0/1 loss of argmax_c p(y = c | x) (labels hidden from model and guide)."""
+def classification_error(args, fitted, images, labels, seed: int):
+    """Per-image 0/1 loss of argmax_c p(y = c | x) (labels hidden from model and guide) and
+    per-image max_c p(y = c | x)."""
     posterior = fitted.discrete_posterior(*unlabelled_inputs(images), site="y",
                                           num_samples=args.posterior_samples, seed=seed)
-    return (posterior.argmax(-1) != labels).double()
+    return (posterior.argmax(-1) != labels).double(), posterior.max(-1).values.double()
 
 
 def measure(args, fitted, test, labelled, seed: int) -> dict:
     """Classification error on the held-out test set and on the run's own labelled images
     (shown without their labels), and the IS log p(x) of test images, labels summed out."""
     start = time.perf_counter()
-    wrong = classification_error(args, fitted, test[0][: args.test_points],
+    wrong, confidence = classification_error(args, fitted, test[0][: args.test_points],
                                  test[1][: args.test_points], seed)
     classify_seconds = time.perf_counter() - start
-    train_wrong = classification_error(args, fitted, *labelled, seed)
+    train_wrong, _ = classification_error(args, fitted, *labelled, seed)
     start = time.perf_counter()
     result = fitted.evaluate(*unlabelled_inputs(test[0][: args.is_points]),
                              num_samples=args.is_samples, ks=(1,), seed=seed,
@@ -191,6 +192,7 @@ def measure(args, fitted, test, labelled, seed: int) -> dict:
         "error": float(wrong.mean()),
         "error_se": float(wrong.std() / math.sqrt(len(wrong))),
         "labelled_error": float(train_wrong.mean()),
+        "confidence": float(confidence.mean()),
         "log_px": float(log_px.mean()),
         "log_px_se": float(log_px.std(ddof=1) / math.sqrt(len(log_px))),
         "mc_se": float(np.mean(result.per_datapoint["log_px_se"])),
@@ -275,7 +277,8 @@ def main(argv=None) -> list[dict]:
         rows.append(row)
         print(f"labels {count:5d} seed {seed}: error {100 * row['error']:.2f}%"
               f" (SE {100 * row['error_se']:.2f}; on its own labelled images with the labels"
-              f" hidden {100 * row['labelled_error']:.2f}%), log p(x) {row['log_px']:.2f}"
+              f" hidden {100 * row['labelled_error']:.2f}%; mean max p(y|x)"
+              f" {row['confidence']:.2f}), log p(x) {row['log_px']:.2f}"
               f" (SE {row['log_px_se']:.2f} over images, MC SE {row['mc_se']:.3f}),"
               f" ELBO {row['elbo']:.2f}; classify {row['classify_seconds']:.0f} s,"
               f" IS {row['is_seconds']:.0f} s", flush=True)
