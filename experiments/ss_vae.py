@@ -25,8 +25,9 @@ first ``--is-points`` for log p(x)).
 Reported per run: classification error on the held-out test set (binomial SE), test
 log p(x) by importance sampling with labels summed out (K = ``--is-samples``, mean over
 images with its SE over images, and the mean Monte Carlo SE per image), wall times. Over the
-seeds of one label count: mean error with its between-seed SE. Run (about 10 min on one
-thread)::
+seeds of one label count: mean error and log p(x) with their between-seed SEs.
+``--label-copies r`` repeats each labelled image r times in the training set (weighting its
+ELBO terms by r; not in Kingma et al.). Run (about 6 minutes on one thread)::
 
     OMP_NUM_THREADS=1 PYROVAE_DATA_DIR=../shared/data python experiments/ss_vae.py --threads 1
 """
