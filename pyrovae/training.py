@@ -36,7 +36,7 @@ HISTORY_COLUMNS = ("epoch", "train_elbo", "valid_elbo", "seconds", "learning_rat
 """Columns of a history trained by an ELBO (``trace_elbo``, ``trace_meanfield_elbo``);
 other objectives record ``train_objective`` (the objective's own bound, named in
 ``objective``) in place of ``train_elbo``, which they do not measure."""
-ELBO_OBJECTIVES = ("trace_elbo", "trace_meanfield_elbo", "stl")
+ELBO_OBJECTIVES = ("trace_elbo", "trace_meanfield_elbo", "traceenum_elbo", "stl")
 """Objectives whose training value is the ELBO itself (STL changes the gradient only)."""
 SMALL_MODEL_PARAMETERS = 1_000_000
 """Models with fewer parameters get one torch thread by default: more threads only cost

@@ -302,3 +302,78 @@ def test_the_label_posterior_is_the_exact_bayes_posterior(float64):
     assert bool((error < 4 * spread / math.sqrt(40) + 1e-3).all()), (error, spread)
     observed = fitted.discrete_posterior(x, y, labelled, site="y", num_samples=10, seed=0)
     assert torch.allclose(observed[labelled], torch.full((int(labelled.sum()), 3), 1 / 3))
+
+
+def test_an_amortized_label_head_trains_with_traceenum_and_its_bounds_are_exact(float64):
+    """discrete="amortize": q(y | x) q(z | x, y) as in Kingma et al.'s M2, trained with Pyro's
+    TraceEnum_ELBO (the label summed in the guide); evaluate samples y from q(y | x)."""
+    x, y, labelled, exact = m2_data()
+    guide = AmortizedGuide(
+        m2,
+        x[:3],
+        y[:3],
+        labelled[:3],
+        encoder_input=encode_m2,
+        hidden_sizes=(16,),
+        discrete="amortize",
+    )
+    assert [s.name for s in guide.sites] == ["z"]
+    assert [s.name for s in guide.discrete_sites] == ["y_unobserved"]
+    fitted = LatentVariableModel(m2, guide)
+    fitted.fit(
+        (x, y, labelled),
+        epochs=80,
+        batch_size=40,
+        learning_rate=3e-2,
+        objective="traceenum_elbo",
+        compile="none",
+        progress=False,
+    )
+    result = fitted.evaluate(
+        x, y, labelled, num_samples=2000, ks=(1,), seed=0, latent_diagnostics=False
+    )
+    log_px, se = result.per_datapoint["log_px"], result.per_datapoint["log_px_se"]
+    unlabelled = ~labelled.numpy()
+    within_standard_errors(log_px[unlabelled], se[unlabelled], exact[unlabelled])
+    within_standard_errors(log_px[~unlabelled], se[~unlabelled], exact[~unlabelled])
+    probabilities = guide.class_probabilities(x, y, labelled, site="y")
+    assert probabilities.shape == (40, 3)
+    assert torch.allclose(probabilities.sum(-1), torch.ones(40))
+    with pytest.raises(ValueError, match="reparameterized"):
+        fitted.fit(
+            (x, y, labelled),
+            epochs=1,
+            batch_size=40,
+            objective="iwae",
+            num_particles=2,
+            compile="none",
+            progress=False,
+        )
+
+
+def test_the_classification_term_is_a_training_mode_factor_on_labelled_points(float64):
+    x, y, labelled, _ = m2_data(8)
+    guide = AmortizedGuide(
+        m2,
+        x[:3],
+        y[:3],
+        labelled[:3],
+        encoder_input=encode_m2,
+        hidden_sizes=(4,),
+        discrete="amortize",
+        classification_weight=2.0,
+    )
+    trace = pyro.poutine.trace(guide).get_trace(x, y, labelled)
+    factor = trace.nodes["y_unobserved_classification"]["fn"].log_factor
+    log_q = torch.log(guide.class_probabilities(x, y, labelled, site="y"))[torch.arange(8), y]
+    expected = torch.where(labelled, -2.0 * log_q, 0.0)
+    assert torch.allclose(factor, expected)
+    guide.eval()  # evaluation leaves it out: the bounds stay bounds
+    assert (
+        "y_unobserved_classification"
+        not in pyro.poutine.trace(guide).get_trace(x, y, labelled).nodes
+    )
+    with pytest.raises(ValueError, match="classification_weight"):
+        AmortizedGuide(m2, x[:3], y[:3], labelled[:3], classification_weight=1.0)
+    with pytest.raises(ValueError, match="discrete must be"):
+        AmortizedGuide(m2, x[:3], y[:3], labelled[:3], discrete="sample")

@@ -626,6 +626,7 @@ def test_free_bits_need_a_per_dimension_kl(float64):
 TRAINING_OPTIONS = {
     "trace_elbo": {},
     "trace_meanfield_elbo": {},
+    "traceenum_elbo": {},
     "annealed_meanfield_elbo": {"kl_warmup_epochs": 2},
     "iwae": {"num_particles": 5},
     "renyi": {"num_particles": 5, "renyi_alpha": 0.5},

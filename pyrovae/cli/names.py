@@ -28,6 +28,7 @@ OBJECTIVES = (  # pyrovae.objectives.OBJECTIVES
     "stl",
     "trace_elbo",
     "trace_meanfield_elbo",
+    "traceenum_elbo",
 )
 POSTERIORS = ("diagonal", "flow", "full", "low-rank")  # pyrovae.posteriors.POSTERIORS
 PRIORS = ("learned-normal", "mixture", "normal", "vamp")  # pyrovae.priors.PRIORS

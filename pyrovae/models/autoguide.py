@@ -37,9 +37,10 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from torch import nn
-from torch.distributions import biject_to
+from torch.distributions import biject_to, constraints
 
 from pyrovae.evaluation.structure import (
     check_enumerable,
@@ -79,6 +80,24 @@ class LatentSite:
         return math.prod(self.unconstrained_shape) * math.prod(self.other_batch_sizes)
 
 
+@dataclass(frozen=True)
+class DiscreteSite:
+    """A discrete latent site that the guide samples from an amortized categorical head
+    (``discrete="amortize"``): its number of values and its batch shape on the example."""
+
+    name: str
+    num_values: int
+    batch_shape: torch.Size
+    data_axis: int
+    boolean: bool = False
+
+    def rows_shape(self, rows: int) -> list[int]:
+        """The batch shape of a call with ``rows`` data points (1 on every other axis)."""
+        shape = [1] * len(self.batch_shape)
+        shape[self.data_axis] = rows
+        return shape
+
+
 def first_tensor(*args, **kwargs) -> torch.Tensor:
     """Default encoder input: the first tensor argument, one flattened row per data point,
     as a floating tensor (integer and boolean inputs converted)."""
@@ -89,17 +108,22 @@ def first_tensor(*args, **kwargs) -> torch.Tensor:
     raise ValueError("no tensor argument to encode; pass encoder_input=")
 
 
-def latent_sites(model: Callable, args: tuple, kwargs: dict, data_plate: str) -> list[LatentSite]:
-    """The model's latent sites, in order, each checked to be local, continuous and in plates
-    the guide can follow (see :func:`pyrovae.evaluation.structure.check_model_sites`)."""
+def latent_sites(
+    model: Callable, args: tuple, kwargs: dict, data_plate: str, discrete: str = "enumerate"
+) -> tuple[list[LatentSite], list[DiscreteSite]]:
+    """The model's continuous latent sites, in order, each checked to be local and in plates
+    the guide can follow (see :func:`pyrovae.evaluation.structure.check_model_sites`), and,
+    with ``discrete="amortize"``, its discrete ones (else they are left to enumeration)."""
     with private_randomness(args, kwargs), poutine.block(), torch.no_grad():
         with pyro.get_param_store().scope():  # a function's pyro.param calls leave no trace
             trace = poutine.trace(model).get_trace(*args, **kwargs)
-    sites, latent = [], 0
+    sites, discrete_sites, latent = [], [], 0
     for structure in check_model_sites(trace, data_plate):
         latent += not structure.observed
-        if structure.discrete:  # summed out by enumeration in the model: no head
+        if structure.discrete:  # enumerated in the model, or an amortized categorical head
             check_enumerable(structure)
+            if discrete == "amortize":
+                discrete_sites.append(_discrete_site(structure))
         if structure.observed or structure.discrete:
             continue
         for name in structure.inner_plates:
@@ -128,7 +152,30 @@ def latent_sites(model: Callable, args: tuple, kwargs: dict, data_plate: str) ->
         )
     if not latent:
         raise ValueError("the model has no latent sites to guide")
-    return sites
+    if discrete_sites and any(site.inner_plates for site in sites):
+        raise ValueError(
+            "discrete='amortize' conditions every continuous head on the discrete draws, "
+            "which needs continuous sites directly in the data plate; this model nests some "
+            "in inner plates: use discrete='enumerate'"
+        )
+    return sites, discrete_sites
+
+
+def _discrete_site(structure) -> DiscreteSite:
+    batch, support = structure.batch_shape, structure.support
+    boolean = support is constraints.boolean
+    if isinstance(support, constraints.integer_interval) and support.lower_bound == 0:
+        values = support.upper_bound + 1
+    elif boolean:
+        values = 2
+    else:
+        raise ValueError(
+            f"discrete='amortize' gives categorical heads to sites with values 0..C-1 or "
+            f"booleans; site {structure.name!r} has support {support}: use "
+            "discrete='enumerate'"
+        )
+    data_axis = len(batch) + structure.data_dim
+    return DiscreteSite(structure.name, int(values), batch, data_axis, boolean)
 
 
 def _is_identity(transform) -> bool:
@@ -155,6 +202,21 @@ class AmortizedGuide(LocalParamsModule):
     encoder_input : callable, optional
         Maps the model's arguments to the encoder's input, one row per data point; by
         default the first tensor argument, flattened.
+    discrete : {"enumerate", "amortize"}
+        What a discrete local site gets. ``"enumerate"`` (default): no head; every estimator
+        sums it out exactly in the model (any objective, AIS). ``"amortize"``: a categorical
+        head q(y | x), sampled with ``infer={"enumerate": "parallel"}``, and every
+        continuous head then sees [features, onehot(y)] (q(z | x, y), Kingma et al.'s M2
+        guide); train it with ``objective="traceenum_elbo"`` (Pyro's TraceEnum_ELBO sums y
+        in the guide); ``evaluate`` importance-samples y from q(y | x); reparameterized
+        objectives and AIS refuse a sampled discrete guide site.
+    classification_weight : float
+        With ``discrete="amortize"``, Kingma et al.'s classification term: in training mode
+        the guide adds ``classification_weight * log q(y_obs | x)`` of the points where the
+        model observes the site (``obs_mask``) to the ELBO, as a factor -alpha log q of its
+        own (the training objective is then the ELBO plus this term); evaluation (eval mode)
+        leaves it out, so every bound stays a bound. :meth:`class_probabilities` gives
+        q(y | x).
     """
 
     def __init__(
@@ -165,20 +227,39 @@ class AmortizedGuide(LocalParamsModule):
         hidden_sizes: Sequence[int] = (128,),
         activation: str = "relu",
         encoder_input: Callable[..., torch.Tensor] = first_tensor,
+        discrete: str = "enumerate",
+        classification_weight: float = 0.0,
         **example_kwargs,
     ):
         super().__init__()
-        self.sites = latent_sites(model, example_args, example_kwargs, data_plate)
+        if discrete not in ("enumerate", "amortize"):
+            raise ValueError(f"discrete must be 'enumerate' or 'amortize', got {discrete!r}")
+        if not classification_weight >= 0 or (classification_weight and discrete != "amortize"):
+            raise ValueError(
+                "classification_weight must be a non-negative number, used with "
+                f"discrete='amortize'; got {classification_weight!r}"
+            )
+        self.sites, self.discrete_sites = latent_sites(
+            model, example_args, example_kwargs, data_plate, discrete
+        )
+        self.classification_weight = float(classification_weight)
         self.data_plate = data_plate
-        self.data_dim = _data_dim(self.sites[0]) if self.sites else -1
+        first = (self.sites or self.discrete_sites or [None])[0]
+        self.data_dim = -1 if first is None else first.data_axis - len(first.batch_shape)
         object.__setattr__(self, "encoder_input", encoder_input)
         # The model is read on each call where it masks or scales a latent site, or nests
         # one in an inner plate (whose size this call must share with the example's).
-        reads = any(s.reads_model or s.inner_plates for s in self.sites)
+        reads = bool(self.discrete_sites) or any(
+            s.reads_model or s.inner_plates for s in self.sites
+        )
         object.__setattr__(self, "model", model if reads else None)
         width = encoder_input(*example_args, **example_kwargs).shape[-1]
         self.trunk = MLP(width, hidden_sizes, activation)
         features = self.trunk.out_features
+        self.classifiers = nn.ModuleDict(
+            {s.name: nn.Linear(features, s.num_values) for s in self.discrete_sites}
+        )
+        features += sum(s.num_values for s in self.discrete_sites)  # q(z | x, y)
         self.locs = nn.ModuleDict({s.name: nn.Linear(features, s.width) for s in self.sites})
         self.raw_scales = nn.ModuleDict({s.name: nn.Linear(features, s.width) for s in self.sites})
 
@@ -195,14 +276,17 @@ class AmortizedGuide(LocalParamsModule):
 
     @staticmethod
     def _arrange(site: LatentSite, outputs: torch.Tensor) -> torch.Tensor:
-        """(N, width) head outputs as (batch shape with N at the data axis, event shape)."""
-        shape = (outputs.shape[0], *site.other_batch_sizes, *site.unconstrained_shape)
-        return outputs.reshape(shape).movedim(0, site.data_axis)
+        """(*leading, N, width) head outputs as (*leading, batch shape with N at the data
+        axis, event shape); leading dims come from discrete draws (particles, enumeration)."""
+        lead = outputs.dim() - 2
+        shape = (*outputs.shape[:-1], *site.other_batch_sizes, *site.unconstrained_shape)
+        return outputs.reshape(shape).movedim(lead, lead + site.data_axis)
 
     def forward(self, *args, **kwargs):
         hidden = self.trunk(self.encoder_input(*args, **kwargs))
         read = self._model_masks_and_scales(args, kwargs) if self.model is not None else {}
         with pyro.plate(self.data_plate, hidden.shape[0], dim=self.data_dim):
+            hidden = self._discrete_draws(hidden, read)
             for site in self.sites:
                 self._check_inner_sizes(site, read.get(site.name))
                 with ExitStack() as stack:
@@ -215,6 +299,64 @@ class AmortizedGuide(LocalParamsModule):
                         stack.enter_context(poutine.scale(scale=scale))
                     pyro.sample(site.name, self.distribution(site, hidden))
 
+    def class_probabilities(self, *args, site: str, **kwargs) -> torch.Tensor:
+        """q(site = c | x_n) of an amortized discrete site: shape (N, C), rows summing to 1
+        (Kingma et al.'s classifier; ``discrete="amortize"`` only)."""
+        for discrete in self.discrete_sites:
+            if discrete.name in (site, f"{site}_unobserved"):
+                hidden = self.trunk(self.encoder_input(*args, **kwargs))
+                return torch.softmax(self.classifiers[discrete.name](hidden), -1)
+        names = ", ".join(repr(d.name) for d in self.discrete_sites) or "none"
+        raise ValueError(f"{site!r} has no categorical head here (amortized sites: {names})")
+
+    def _discrete_draws(self, hidden: torch.Tensor, read: dict) -> torch.Tensor:
+        """Sample each amortized discrete site from q(y | x) (under the model's mask and
+        scale; the classification term in training mode) and return the features the
+        continuous heads see: [hidden, onehot(y) ...], with the draws' leading dims."""
+        if not self.discrete_sites:
+            return hidden
+        parts = [hidden]
+        for site in self.discrete_sites:
+            logits = self._site_logits(site, self.classifiers[site.name](hidden))
+            mask, scale = read.get(site.name, (None, 1.0))[:2]
+            with ExitStack() as stack:
+                if mask is not None:
+                    stack.enter_context(poutine.mask(mask=mask))
+                if not (isinstance(scale, float) and scale == 1.0):
+                    stack.enter_context(poutine.scale(scale=scale))
+                value = pyro.sample(
+                    site.name, _categorical(site, logits), infer={"enumerate": "parallel"}
+                )
+            self._classification_term(site, logits, read)
+            parts.append(self._one_hot(site, value, hidden.shape[0]).to(hidden.dtype))
+        shape = torch.broadcast_shapes(*(part.shape[:-1] for part in parts))
+        return torch.cat([part.expand(*shape, part.shape[-1]) for part in parts], -1)
+
+    @staticmethod
+    def _site_logits(site: DiscreteSite, logits: torch.Tensor) -> torch.Tensor:
+        """(N, C) head outputs laid out as the site's batch shape followed by C."""
+        return logits.reshape(*site.rows_shape(logits.shape[0]), logits.shape[-1])
+
+    @staticmethod
+    def _one_hot(site: DiscreteSite, value: torch.Tensor, rows: int) -> torch.Tensor:
+        """onehot(y) as (*leading, N, C) from a draw laid out as the site's batch shape."""
+        batch = site.rows_shape(rows)
+        lead = value.dim() - len(batch)
+        value = value.expand(*value.shape[:lead], *batch).movedim(lead + site.data_axis, -1)
+        value = value.reshape(*value.shape[:lead], rows)
+        return F.one_hot(value.long(), site.num_values)
+
+    def _classification_term(self, site: DiscreteSite, logits: torch.Tensor, read: dict):
+        """Kingma et al.'s alpha log q(y_obs | x) on the points where the model observes the
+        site (its obs_mask twin), as a guide factor of -alpha log q: training mode only."""
+        twin = read.get(f"{site.name}:observed")
+        if not (self.training and self.classification_weight and twin is not None):
+            return
+        observed, labelled = twin
+        log_q = _categorical(site, logits).log_prob(observed.reshape(logits.shape[:-1]))
+        term = -self.classification_weight * torch.where(labelled, log_q, 0.0)
+        pyro.factor(f"{site.name}_classification", term, has_rsample=True)  # no sampling
+
     def _model_masks_and_scales(self, args: tuple, kwargs: dict) -> dict:
         """{site: (mask, scale, inner plate sizes)} of the model's latent sites on this call,
         read by running the model with its sample and param sites hidden, on private random
@@ -225,10 +367,14 @@ class AmortizedGuide(LocalParamsModule):
             with poutine.block(hide_types=["sample", "observe", "param"]):
                 trace = poutine.trace(self.model).get_trace(*args, **kwargs)
         read = {}
-        for site in self.sites:
+        for site in (*self.sites, *self.discrete_sites):
             node = trace.nodes[site.name]
             sizes = {f.name: f.size for f in node["cond_indep_stack"]}
             read[site.name] = (node["mask"], node["scale"], sizes)
+        for site in self.discrete_sites:  # an obs_mask site: its observed twin and where
+            twin = trace.nodes.get(site.name.removesuffix("_unobserved") + "_observed")
+            if site.name.endswith("_unobserved") and twin is not None:
+                read[f"{site.name}:observed"] = (twin["value"], twin["mask"])
         return read
 
     def _check_inner_sizes(self, site: LatentSite, read) -> None:
@@ -241,6 +387,13 @@ class AmortizedGuide(LocalParamsModule):
                     f"in this call but {size} in the example the guide was built from: an "
                     "amortized guide has one output per element of a fixed-size inner plate"
                 )
+
+
+def _categorical(site: DiscreteSite, logits: torch.Tensor) -> dist.TorchDistribution:
+    """q(y | x) from logits over the site's values (a Bernoulli for a boolean site)."""
+    if site.boolean:
+        return dist.Bernoulli(logits=logits[..., 1] - logits[..., 0])
+    return dist.Categorical(logits=logits)
 
 
 def _data_dim(site: LatentSite) -> int:

@@ -7,6 +7,8 @@ points of the batch):
 ============================  ================================================================
 ``trace_elbo``                Pyro ``Trace_ELBO``: ELBO, Monte Carlo KL
 ``trace_meanfield_elbo``      Pyro ``TraceMeanField_ELBO``: ELBO, analytic KL where available
+``traceenum_elbo``            Pyro ``TraceEnum_ELBO``: ELBO summing enumerated discrete sites
+                              of the guide (``AmortizedGuide(discrete="amortize")``)
 ``annealed_meanfield_elbo``   analytic-KL ELBO with KL weight beta, linear warm-up, free bits
 ``iwae``                      IWAE_K bound (K = ``num_particles``)
 ``renyi``                     variational Rényi bound of order ``renyi_alpha``
@@ -30,6 +32,7 @@ from pyrovae.objectives.stl import STLELBO
 OBJECTIVES: dict[str, type[pyro.infer.ELBO]] = {
     "trace_elbo": pyro.infer.Trace_ELBO,
     "trace_meanfield_elbo": pyro.infer.TraceMeanField_ELBO,
+    "traceenum_elbo": pyro.infer.TraceEnum_ELBO,
     "annealed_meanfield_elbo": AnnealedMeanFieldELBO,
     "iwae": IWAE,
     "renyi": RenyiBound,
