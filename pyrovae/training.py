@@ -37,6 +37,8 @@ HISTORY_COLUMNS = ("epoch", "train_elbo", "valid_elbo", "seconds", "learning_rat
 other objectives record ``train_objective`` (the objective's own bound, named in
 ``objective``) in place of ``train_elbo``, which they do not measure."""
 ELBO_OBJECTIVES = ("trace_elbo", "trace_meanfield_elbo", "traceenum_elbo", "stl")
+EAGER_ONLY_OBJECTIVES = ("traceenum_elbo",)
+"""Objectives without a traced equivalent: ``compile='auto'`` takes eager Pyro at once."""
 """Objectives whose training value is the ELBO itself (STL changes the gradient only)."""
 SMALL_MODEL_PARAMETERS = 1_000_000
 """Models with fewer parameters get one torch thread by default: more threads only cost
@@ -344,6 +346,14 @@ def _loss_module(vae, config: TrainConfig, train: tuple, parallel) -> tuple:
     nesting = structure.max_plate_nesting
     options.update(data_plate=vae.data_plate, vectorize_particles=structure.vectorized)
     mode = config.compile
+    if config.objective in EAGER_ONLY_OBJECTIVES:  # nothing to try: no traced equivalent
+        if mode in ("graph", "inductor"):
+            raise ValueError(
+                f"compile={mode!r}: objective={config.objective!r} (Pyro's TraceEnum_ELBO, "
+                "which sums the guide's discrete sites) runs in eager Pyro only; use "
+                "compile='none' or 'auto'"
+            )
+        mode = "none"
     obstacle = vae.compile_obstacle()
     if obstacle is not None and mode in ("graph", "inductor"):
         raise ValueError(f"compile={mode!r}: {obstacle}")
@@ -554,9 +564,7 @@ def _check_world_size(state: dict, parallel, path) -> None:
         )
 
 
-def _restore(
-    vae, optimizer, history: History, generator, payload: dict, parallel, schedule
-) -> int:
+def _restore(vae, optimizer, history: History, generator, payload: dict, parallel, schedule) -> int:
     """Load a resume checkpoint into the live objects; return the next epoch to run."""
     vae.load_state_dict(payload["model_state"])
     optimizer.load_state_dict(payload["optimizer_state"])
