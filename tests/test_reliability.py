@@ -704,12 +704,11 @@ def test_evaluation_peak_memory_stays_within_the_max_pairs_budget(tmp_path):
         )
     assert growth[small_budget] < memory_bound(small_budget)
     assert growth[large_budget] < memory_bound(large_budget)
-    # Growth follows the budget: 2^13 pairs trace 1 point x 5000 draws at once, 2^16 pairs
-    # 13 points x 5000 draws (13 times as many). The allocator's reuse of freed chunks varies
-    # from run to run: measured 4.6 to 11 times the growth on one machine, and on this
-    # project's 2-core Xeon 57 to 119 MiB for the small budget against 214 to 244 MiB for
-    # the large one (1.8 to 4 times), the same code in every run.
-    assert growth[large_budget] > 1.5 * growth[small_budget]
+    # The bounds discriminate by themselves (first assertion: an unchunked pass needs more
+    # than 5 times the small bound). The ratio of the two growths is not asserted: the
+    # allocator's reuse of freed chunks makes it vary from run to run with the same code
+    # (4.6 to 11 on one machine; on this project's 2-core Xeon the small budget grew 57 to
+    # 180 MiB and the large one 214 to 244 MiB, ratios 1.2 to 4).
 
 
 # --------------------------------------------------------------------------- other bad input
