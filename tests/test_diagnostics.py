@@ -14,15 +14,14 @@ import pytest
 import torch
 
 from pyrovae import VAE
-from pyrovae.evaluation.importance import (
-    AIS_COMMAND,
+from pyrovae.evaluation.importance import AIS_COMMAND, evaluate
+from pyrovae.evaluation.latents import latent_use
+from pyrovae.evaluation.memory import (
     REDUCTION_BYTES_PER_PAIR,
     bytes_per_pair,
     default_memory_budget,
-    evaluate,
     evaluation_pairs,
 )
-from pyrovae.evaluation.latents import latent_use
 from pyrovae.models.linear_gaussian import LinearGaussianGuide, LinearGaussianModel
 
 K = 200

@@ -161,7 +161,7 @@ def _scored(vae, model_path: Path, args, default_points) -> Scored:
 
 def available_memory() -> int | None:
     """Bytes of memory available on the CPU (Linux MemAvailable), or None where unknown."""
-    from pyrovae.evaluation.importance import _available_memory
+    from pyrovae.evaluation.memory import _available_memory
 
     return _available_memory(torch.device("cpu"))
 

@@ -20,6 +20,7 @@ from pyro import poutine
 from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import biject_to
 
+from pyrovae.evaluation.data_arguments import _cuda_devices
 from pyrovae.evaluation.hmc import PathState
 from pyrovae.evaluation.traces import (
     PARTICLE_PLATE,
@@ -353,8 +354,3 @@ def _check_start(start: str, guide) -> None:
         raise ValueError(f"start must be one of {STARTS}, got {start!r}")
     if start == "guide" and guide is None:
         raise ValueError("start='guide' needs a guide; pass one or use start='prior'")
-
-
-def _cuda_devices(args: tuple, kwargs: dict) -> list[int]:
-    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})

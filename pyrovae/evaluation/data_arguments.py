@@ -111,3 +111,9 @@ def chunk_bounds(total: int, chunk: int) -> Iterator[tuple[int, int]]:
     """Yield (start, stop) pairs covering ``range(total)`` in steps of ``chunk``."""
     for start in range(0, total, chunk):
         yield start, min(start + chunk, total)
+
+
+def _cuda_devices(args: tuple, kwargs: dict) -> list[int]:
+    """Indices of the CUDA devices the tensor arguments live on (for ``fork_rng``)."""
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
