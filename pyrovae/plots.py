@@ -263,7 +263,7 @@ def training_curves_figure(history):
 
     Parameters
     ----------
-    history : pyrovae.training.History or list of dict
+    history : pyrovae.history.History or list of dict
         Per-epoch records with ``epoch``, ``train_elbo`` and ``valid_elbo``; every column
         whose name contains ``iwae`` (e.g. ``valid_iwae_5``) is drawn too. ``None`` entries
         (no validation data) are skipped.

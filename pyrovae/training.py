@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import json
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyro
 import torch
@@ -28,79 +24,19 @@ from pyrovae.compiled import CompiledStep
 from pyrovae.config import TrainConfig
 from pyrovae.data import binarize
 from pyrovae.distributed import DataParallelContext, active_context
+from pyrovae.history import HISTORY_COLUMNS, History, write_history_csv  # noqa: F401
 from pyrovae.objectives import ANALYTIC_KL_OBJECTIVES, make_objective
 from pyrovae.randomness import capture_rng_state, restore_rng_state
 from pyrovae.schedules import PlateauSchedule
 
-HISTORY_COLUMNS = ("epoch", "train_elbo", "valid_elbo", "seconds", "learning_rate")
-"""Columns of a history trained by an ELBO (``trace_elbo``, ``trace_meanfield_elbo``);
-other objectives record ``train_objective`` (the objective's own bound, named in
-``objective``) in place of ``train_elbo``, which they do not measure."""
 ELBO_OBJECTIVES = ("trace_elbo", "trace_meanfield_elbo", "traceenum_elbo", "stl")
+"""Objectives whose training value is the ELBO itself (STL changes the gradient only)."""
 EAGER_ONLY_OBJECTIVES = ("traceenum_elbo",)
 """Objectives without a traced equivalent: ``compile='auto'`` takes eager Pyro at once."""
-"""Objectives whose training value is the ELBO itself (STL changes the gradient only)."""
 SMALL_MODEL_PARAMETERS = 1_000_000
 """Models with fewer parameters get one torch thread by default: more threads only cost
 synchronisation for their small matrix products, and on a busy machine they wait."""
 _TORCH_DEFAULT_THREADS = torch.get_num_threads()
-
-
-@dataclass
-class History:
-    """Per-epoch training record.
-
-    ``train_elbo`` is the average over the epoch's steps of the minibatch ELBO per data
-    point; ``valid_elbo`` the ELBO per data point on the validation data after the epoch
-    (one draw per point, analytic KL when the objective uses it). Both in nats, higher is
-    better; ``valid_elbo`` is ``None`` without validation data. ``learning_rate`` is Adam's
-    step size during the epoch.
-    """
-
-    records: list[dict] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def column(self, name: str) -> list:
-        return [record[name] for record in self.records]
-
-    def to_jsonl(self, path: str | Path) -> None:
-        """One JSON record per line, written atomically (:func:`pyrovae.outputs.write_file`)."""
-        from pyrovae.outputs import write_file
-
-        lines = [json.dumps(record) + "\n" for record in self.records]
-        write_file(path, lambda handle: handle.writelines(lines), "jsonl")
-
-    def to_dataframe(self):
-        """One row per epoch (columns as in :meth:`to_csv`) as a :class:`pandas.DataFrame`;
-        needs pandas, which pyrovae does not require."""
-        try:
-            import pandas
-        except ImportError as error:
-            raise ImportError("to_dataframe() needs pandas: pip install pandas") from error
-        return pandas.DataFrame(self.records, columns=HISTORY_COLUMNS)
-
-    def to_csv(self, path: str | Path) -> None:
-        """The records as CSV, written atomically (:func:`pyrovae.outputs.write_file`)."""
-        from pyrovae.outputs import write_file
-
-        write_file(path, lambda handle: write_history_csv(self, handle), "csv")
-
-    @property
-    def columns(self) -> list[str]:
-        """Column names in record order (:data:`HISTORY_COLUMNS` for ELBO objectives)."""
-        names: dict[str, None] = {}
-        for record in self.records:
-            names.update(dict.fromkeys(record))
-        return list(names) or list(HISTORY_COLUMNS)
-
-
-def write_history_csv(history: History, handle) -> None:
-    """Write ``history`` as CSV to an open text file."""
-    writer = csv.DictWriter(handle, fieldnames=history.columns)
-    writer.writeheader()
-    writer.writerows(history.records)
 
 
 def default_threads(num_parameters: int) -> tuple[int, str]:

@@ -430,7 +430,7 @@ class LatentVariableModel(nn.Module):
 
         Returns
         -------
-        pyrovae.training.History
+        pyrovae.history.History
             Per-epoch train and validation ELBO (nats per data point, higher is better).
         """
         config = TrainConfig.from_dict(train_options)

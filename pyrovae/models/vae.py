@@ -171,7 +171,7 @@ class VAE(LatentVariableModel):
         The Pyro model p(z) p(x|z).
     guide : VAEGuide
         The Pyro guide q(z|x).
-    history_ : pyrovae.training.History or None
+    history_ : pyrovae.history.History or None
         Per-epoch record of the last :meth:`fit`.
     train_config_ : TrainConfig or None
         Settings of the last :meth:`fit`.
