@@ -3,14 +3,21 @@
 The model is p(y) p(z) p(x | y, z): y ~ Categorical(1/10) observed through ``obs_mask`` for
 the labelled images and summed out exactly by pyrovae's parallel enumeration for the others,
 z ~ N(0, I_L), x | y, z ~ Bernoulli(decoder([z, onehot(y)])) with an MLP decoder
-(L+10)-H-784 (tanh). :class:`~pyrovae.models.autoguide.AmortizedGuide` guides z only:
-q(z | x, onehot(y)) for labelled images and q(z | x, 0) for unlabelled ones (the label is
-not guided, it is enumerated in the model). Training maximises the ELBO of labelled and
-unlabelled images in one pass (``trace_meanfield_elbo``, the label summed inside each
-weight) with :meth:`LatentVariableModel.fit`. There is **no** classification term
-alpha * log q(y | x) and no separate classifier q(y | x) (pyrovae has none yet): the
-classifier is the fitted model's own posterior p(y | x), estimated by importance sampling
-with the label enumerated (:meth:`LatentVariableModel.discrete_posterior`).
+(L+10)-H-784 (tanh). Labelled and unlabelled images train in one pass with
+:meth:`LatentVariableModel.fit`, in one of two set-ups (``--guide``):
+
+* ``amortize`` (default; Kingma et al.'s M2): :class:`~pyrovae.models.autoguide.AmortizedGuide`
+  with ``discrete="amortize"``, a shared encoder of x with a categorical head q(y | x) and
+  heads q(z | x, y) that see onehot(y) (the observed label of a labelled image, each value
+  of y for an unlabelled one), trained with ``traceenum_elbo`` (Pyro's TraceEnum_ELBO, the
+  label summed in the guide) plus the classification term alpha * log q(y_obs | x) on the
+  labelled images (``--classification-weight``, default 46 as in Pyro's example). The
+  classifier is q(y | x) (:meth:`AmortizedGuide.class_probabilities`).
+* ``enumerate`` (the ELBO alone): the guide covers z only, q(z | x, onehot(y)) for
+  labelled images and q(z | x, 0) for unlabelled ones, the label summed out in the model
+  (``trace_meanfield_elbo``), no classification term; the classifier is the fitted model's
+  own posterior p(y | x) by importance sampling with the label enumerated
+  (:meth:`LatentVariableModel.discrete_posterior`).
 
 Data. ``binarized_mnist.npz`` (Larochelle & Murray 2011) has labels for its test split only
 (``test_labels``); its train and valid splits carry none, and the MNIST label file beside it
@@ -27,9 +34,11 @@ log p(x) by importance sampling with labels summed out (K = ``--is-samples``, me
 images with its SE over images, and the mean Monte Carlo SE per image), wall times. Over the
 seeds of one label count: mean error and log p(x) with their between-seed SEs.
 ``--label-copies r`` repeats each labelled image r times in the training set (weighting its
-ELBO terms by r; not in Kingma et al.). Run (about 6 minutes on one thread)::
+ELBO terms by r; not in Kingma et al.). Run (about 10 minutes on one thread)::
 
     OMP_NUM_THREADS=1 PYROVAE_DATA_DIR=../shared/data python experiments/ss_vae.py --threads 1
+    OMP_NUM_THREADS=1 PYROVAE_DATA_DIR=../shared/data python experiments/ss_vae.py \
+        --threads 1 --guide enumerate
 """
 
 from __future__ import annotations
@@ -86,13 +95,27 @@ def encode(x, y, labelled):
 
 
 def build(args, train):
-    """A fresh (untrained) M2 model and its guide for ``train`` = (x, y, labelled)."""
+    """A fresh (untrained) M2 model and its guide for ``train`` = (x, y, labelled): with
+    ``--guide amortize`` the encoder reads x alone (q(y | x) must not see the label) and the
+    label reaches q(z | x, y) through the guide's onehot(y); with ``--guide enumerate`` it
+    reads [x, shown label]."""
     model = M2(args.latent, args.hidden)
+    if args.guide == "amortize":
+        options = dict(discrete="amortize", classification_weight=args.classification_weight)
+    else:
+        options = dict(encoder_input=encode)
     guide = AmortizedGuide(
-        model, *(t[:4] for t in train), encoder_input=encode,
-        hidden_sizes=(args.hidden,), activation="tanh",
+        model, *(t[:4] for t in train), hidden_sizes=(args.hidden,), activation="tanh",
+        **options,
     )
     return model, guide
+
+
+def objective(args) -> str:
+    """The training objective: ``--objective``, else the one each guide needs."""
+    if args.objective:
+        return args.objective
+    return "traceenum_elbo" if args.guide == "amortize" else "trace_meanfield_elbo"
 
 
 def split_data(data_dir, unlabelled: int):
@@ -147,6 +170,8 @@ def train_one(args, pool, unlabelled_x, count: int, seed: int):
     torch.manual_seed(seed)
     model, guide = build(args, train)
     copies = f"_copies{args.label_copies}" if args.label_copies > 1 else ""
+    if args.guide == "amortize":
+        copies += f"_amortized_alpha{args.classification_weight:g}"
     name = f"m2_labels{count}{copies}_seed{seed}.pt"
     path = args.models / name if args.models else None
     if path is not None and path.exists():
@@ -154,7 +179,7 @@ def train_one(args, pool, unlabelled_x, count: int, seed: int):
         return fitted, fitted.metadata_["fit_seconds"], True
     fitted = LatentVariableModel(model, guide)
     start = time.perf_counter()
-    fitted.fit(train, objective=args.objective, epochs=args.epochs, batch_size=args.batch_size,
+    fitted.fit(train, objective=objective(args), epochs=args.epochs, batch_size=args.batch_size,
                learning_rate=args.learning_rate, seed=seed, progress=False, compile=args.compile)
     seconds = time.perf_counter() - start
     if path is not None:
@@ -169,11 +194,17 @@ def labelled_images(pool, count: int, seed: int):
 
 
 def classification_error(args, fitted, images, labels, seed: int):
-    """Per-image 0/1 loss of argmax_c p(y = c | x) (labels hidden from model and guide) and
-    per-image max_c p(y = c | x)."""
-    posterior = fitted.discrete_posterior(*unlabelled_inputs(images), site="y",
-                                          num_samples=args.posterior_samples, seed=seed)
-    return (posterior.argmax(-1) != labels).double(), posterior.max(-1).values.double()
+    """Per-image 0/1 loss of the classifier (labels hidden from model and guide) and its
+    per-image largest class probability: q(y | x) of the amortized guide, or the model's
+    p(y | x) by importance sampling with the label enumerated."""
+    inputs = unlabelled_inputs(images)
+    if args.guide == "amortize":
+        with torch.no_grad():
+            probabilities = fitted.guide.class_probabilities(*inputs, site="y")
+    else:
+        probabilities = fitted.discrete_posterior(*inputs, site="y",
+                                                  num_samples=args.posterior_samples, seed=seed)
+    return (probabilities.argmax(-1) != labels).double(), probabilities.max(-1).values.double()
 
 
 def measure(args, fitted, test, labelled, seed: int) -> dict:
@@ -233,7 +264,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--latent", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--objective", default="trace_meanfield_elbo")
+    p.add_argument("--guide", choices=("amortize", "enumerate"), default="amortize",
+                   help="amortize: q(y|x) q(z|x,y) with the classification term; enumerate:"
+                        " the label summed out in the model, ELBO only")
+    p.add_argument("--classification-weight", type=float, default=46.0,
+                   help="alpha of alpha * log q(y_obs | x) (--guide amortize)")
+    p.add_argument("--objective", default=None,
+                   help="default: traceenum_elbo (amortize) or trace_meanfield_elbo")
     p.add_argument("--compile", default="none",
                    help="auto falls back to eager Pyro here (the obs_mask site does not trace)")
     p.add_argument("--test-points", type=int, default=POOL_SIZE,
@@ -257,10 +294,14 @@ def main(argv=None) -> list[dict]:
     print(f"torch {torch.__version__}, pyro {pyro.__version__}, threads {torch.get_num_threads()}")
     print(f"data: {len(unlabelled_x)} unlabelled training images, labelled pool {len(pool[0])}"
           f" and held-out test {len(test[0])} (halves of the labelled test split)")
-    print(f"M2: latent {args.latent}, hidden {args.hidden}, {args.objective}, {args.epochs} epochs,"
+    if args.guide == "amortize":
+        classifier = f"guide q(y|x) q(z|x,y), alpha {args.classification_weight:g}; classifier q(y|x)"
+    else:
+        classifier = f"label enumerated in the model; classifier p(y|x) by IS with K = {args.posterior_samples}"
+    print(f"M2: latent {args.latent}, hidden {args.hidden}, {objective(args)}, {args.epochs} epochs,"
           f" batch {args.batch_size}, lr {args.learning_rate}, each labelled image"
-          f" {args.label_copies} time(s) in the training set; classifier p(y|x) by IS with"
-          f" K = {args.posterior_samples} on {min(args.test_points, len(test[0]))} test images;"
+          f" {args.label_copies} time(s) in the training set; {classifier}"
+          f" on {min(args.test_points, len(test[0]))} test images;"
           f" log p(x) by IS with K = {args.is_samples} on"
           f" {args.is_points} test images")
     started = time.perf_counter()
@@ -269,7 +310,7 @@ def main(argv=None) -> list[dict]:
         fitted, seconds, reused = train_one(args, pool, unlabelled_x, count, seed)
         last = fitted.history_.column("train_elbo")[-1]
         print(f"labels {count:5d} seed {seed}: {'file reused, ' if reused else ''}trained in"
-              f" {seconds:.0f} s, last epoch's train ELBO {last:.2f}", flush=True)
+              f" {seconds:.0f} s, last epoch's training objective {last:.2f}", flush=True)
         trained.append((count, seed, fitted, seconds))
     rows = []
     for count, seed, fitted, seconds in trained:
@@ -278,7 +319,7 @@ def main(argv=None) -> list[dict]:
         rows.append(row)
         print(f"labels {count:5d} seed {seed}: error {100 * row['error']:.2f}%"
               f" (SE {100 * row['error_se']:.2f}; on its own labelled images with the labels"
-              f" hidden {100 * row['labelled_error']:.2f}%; mean max p(y|x)"
+              f" hidden {100 * row['labelled_error']:.2f}%; mean max class probability"
               f" {row['confidence']:.2f}), log p(x) {row['log_px']:.2f}"
               f" (SE {row['log_px_se']:.2f} over images, MC SE {row['mc_se']:.3f}),"
               f" ELBO {row['elbo']:.2f}; classify {row['classify_seconds']:.0f} s,"

@@ -377,3 +377,24 @@ def test_the_classification_term_is_a_training_mode_factor_on_labelled_points(fl
         AmortizedGuide(m2, x[:3], y[:3], labelled[:3], classification_weight=1.0)
     with pytest.raises(ValueError, match="discrete must be"):
         AmortizedGuide(m2, x[:3], y[:3], labelled[:3], discrete="sample")
+
+
+def test_a_labelled_points_latent_head_sees_its_observed_label(float64):
+    """q(z | x, y) of a labelled point conditions on the label the model observes, whatever
+    value the enumerated draw of the masked twin takes; unlabelled points see the draw."""
+    x, y, labelled, _ = m2_data(6)
+    guide = AmortizedGuide(
+        m2, x[:3], y[:3], labelled[:3], hidden_sizes=(4,), discrete="amortize"
+    )
+    enumerated = pyro.poutine.enum(config_enumerate(guide), first_available_dim=-2)
+    trace = pyro.poutine.trace(enumerated).get_trace(x, y, labelled)
+    draws = trace.nodes["y_unobserved"]["value"]  # (3, 1): every class
+    loc = trace.nodes["z"]["fn"].base_dist.loc  # (3, 6, 2): one row per enumerated class
+    hidden = guide.trunk(x)
+
+    def head(labels):
+        return guide.locs["z"](torch.cat([hidden, F.one_hot(labels, 3).to(x.dtype)], -1))
+
+    assert torch.allclose(loc[:, labelled], head(y)[labelled].expand(3, -1, -1))
+    for c, row in zip(draws.reshape(-1).tolist(), loc):
+        assert torch.allclose(row[~labelled], head(torch.full_like(y, c))[~labelled])

@@ -1,7 +1,7 @@
 """Smoke test of the semi-supervised M2 study (experiments/ss_vae.py) on a few hundred images:
 the balanced draw of the labels, the split of the labelled test images, and one small run of
-two seeds (training, classification by the model's posterior, IS log p(x), summaries), then
-a second call that reuses the model files."""
+two seeds for each guide (training, classification by q(y | x) or by the model's posterior,
+IS log p(x), summaries), then a second call that reuses the model files."""
 
 from __future__ import annotations
 
@@ -56,8 +56,12 @@ def test_pool_and_held_out_test_set_are_disjoint_halves_of_the_labelled_split(st
     assert np.bincount(test[1].numpy(), minlength=10).min() > 300
 
 
-def test_tiny_study_runs_end_to_end_and_reuses_its_models(study, tmp_path, data_dir, capsys):
+@pytest.mark.parametrize("guide", ["amortize", "enumerate"])
+def test_tiny_study_runs_end_to_end_and_reuses_its_models(
+    study, tmp_path, data_dir, capsys, guide
+):
     small = [
+        "--guide", guide,
         "--runs", "20:0,20:1", "--unlabelled", "200", "--epochs", "1", "--hidden", "16",
         "--latent", "4", "--test-points", "200", "--posterior-samples", "4", "--is-points", "20",
         "--is-samples", "8",
@@ -72,6 +76,8 @@ def test_tiny_study_runs_end_to_end_and_reuses_its_models(study, tmp_path, data_
                r" log p\(x\) -[\d.]+ \(between-seed SE [\d.]+\)")
     assert re.search(summary, output)
     assert output.count("on its own labelled images with the labels hidden") == 2
+    setup = "classifier q(y|x)" if guide == "amortize" else "classifier p(y|x) by IS"
+    assert setup in output
     again = study.main(small)  # the model files are reused: same numbers
     assert capsys.readouterr().out.count("file reused, trained in") == 2
     assert [r["error"] for r in again] == [r["error"] for r in rows]

@@ -207,7 +207,7 @@ class AmortizedGuide(LocalParamsModule):
         sums it out exactly in the model (any objective, AIS). ``"amortize"``: a categorical
         head q(y | x), sampled with ``infer={"enumerate": "parallel"}``, and every
         continuous head then sees [features, onehot(y)] (q(z | x, y), Kingma et al.'s M2
-        guide); train it with ``objective="traceenum_elbo"`` (Pyro's TraceEnum_ELBO sums y
+        guide; y is the observed label at the points where the model observes the site); train it with ``objective="traceenum_elbo"`` (Pyro's TraceEnum_ELBO sums y
         in the guide); ``evaluate`` importance-samples y from q(y | x); reparameterized
         objectives and AIS refuse a sampled discrete guide site.
     classification_weight : float
@@ -328,6 +328,7 @@ class AmortizedGuide(LocalParamsModule):
                     site.name, _categorical(site, logits), infer={"enumerate": "parallel"}
                 )
             self._classification_term(site, logits, read)
+            value = self._observed_where_labelled(site, value, read)
             parts.append(self._one_hot(site, value, hidden.shape[0]).to(hidden.dtype))
         shape = torch.broadcast_shapes(*(part.shape[:-1] for part in parts))
         return torch.cat([part.expand(*shape, part.shape[-1]) for part in parts], -1)
@@ -345,6 +346,17 @@ class AmortizedGuide(LocalParamsModule):
         value = value.expand(*value.shape[:lead], *batch).movedim(lead + site.data_axis, -1)
         value = value.reshape(*value.shape[:lead], rows)
         return F.one_hot(value.long(), site.num_values)
+
+    @staticmethod
+    def _observed_where_labelled(site: DiscreteSite, value: torch.Tensor, read: dict):
+        """The label the continuous heads condition on: the observed one where the model
+        observes the site (its obs_mask twin), the draw from q(y | x) elsewhere, so that a
+        labelled point's q(z | x, y) sees its own label (Kingma et al.'s M2 guide)."""
+        twin = read.get(f"{site.name}:observed")
+        if twin is None:
+            return value
+        observed, labelled = twin
+        return torch.where(labelled, observed.to(value.dtype), value)
 
     def _classification_term(self, site: DiscreteSite, logits: torch.Tensor, read: dict):
         """Kingma et al.'s alpha log q(y_obs | x) on the points where the model observes the
