@@ -566,3 +566,30 @@ def test_an_inner_plate_of_another_size_than_the_examples_is_one_clear_error(flo
     )
     with pytest.raises(ValueError, match="plate 'steps' around latent site 'z' has size 6"):
         poutine.trace(guide).get_trace(torch.randn(5, 6))
+
+
+def test_a_model_that_subsamples_the_rows_it_is_given_is_refused_with_the_reason(float64):
+    """Pyro's SVI idiom ``pyro.plate("data", len(x), subsample_size=B) as ind`` with
+    ``obs=x[ind]``: per-datapoint estimators must see every row they pass, so every entry
+    point refuses it, saying how to write it, before anything is created or trained."""
+    x = torch.randn(200, 2)
+
+    def model(x):
+        with pyro.plate("data", len(x), subsample_size=50) as index:
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", dist.Normal(z, NOISE).to_event(1), obs=x[index])
+
+    def guide(x):
+        shrink = pyro.param("shrink", torch.tensor(0.5))
+        with pyro.plate("data", len(x), subsample_size=50) as index:
+            pyro.sample("z", dist.Normal(shrink * x[index], 0.5).to_event(1))
+
+    reason = r"subsample_size=50\)\) but was given \d+.*batch_size=50"
+    with pytest.raises(ValueError, match=reason):
+        AmortizedGuide(model, x[:4])
+    fitted = LatentVariableModel(model, guide)
+    with pytest.raises(ValueError, match=reason):
+        fitted.fit((x,), epochs=1, batch_size=200, progress=False)
+    assert "shrink" not in pyro.get_param_store()
+    with pytest.raises(ValueError, match=reason):
+        evaluate(model, guide, x, num_samples=4, ks=(1,), latent_diagnostics=False)

@@ -31,8 +31,10 @@ passes' cost.
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyro
@@ -197,7 +199,8 @@ def check_structure(
     # In eval mode: dropout draws differ between the vectorized and one-draw runs, and
     # BatchNorm must not update its running statistics on a probe.
     quiet = evaluation_mode(model, guide, warn=False)
-    with quiet, private_randomness(args, kwargs), torch.no_grad(), poutine.block():
+    with quiet, private_randomness(args, kwargs), torch.no_grad(), poutine.block(), \
+            self_subsampling_explained(data_plate):
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
         model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
@@ -213,6 +216,34 @@ def check_structure(
         structure.why_sequential = _particle_problem(model, guide, args, kwargs, structure)
     structure.vectorized = structure.why_sequential is None
     return structure
+
+
+@contextmanager
+def self_subsampling_explained(data_plate: str):
+    """Turn Pyro's error for a plate that draws more rows than it is given (``pyro.plate(
+    "data", len(x), subsample_size=B)`` run on fewer than B rows) into one that says why:
+    pyrovae runs models on a few rows (this check), on its own minibatches and on single
+    points, so a model that subsamples the rows it receives cannot give per-datapoint
+    bounds."""
+    try:
+        yield
+    except ValueError as error:
+        found = re.search(r"subsample_size does not match len\(subsample\), (\d+) vs (\d+)",
+                          str(error))
+        if found is None:
+            raise
+        wanted, given = found.groups()
+        raise ValueError(
+            f"a plate of the model draws a random subsample of {wanted} rows "
+            f"(pyro.plate(..., subsample_size={wanted})) but was given {given}: pyrovae runs "
+            "the model on a few rows to check it, on the minibatches it draws itself and on "
+            "single points to evaluate them, so the model must use every row it is given. "
+            f"Write the data plate {data_plate!r} without subsample_size (pyro.plate("
+            f"{data_plate!r}, len(x))) and pass batch_size={wanted} to fit; to scale global "
+            f"sites by N / B, write pyro.plate({data_plate!r}, N, subsample=torch.arange("
+            "len(x))), or fit with a HybridGuide, which weights them itself. Pyro's own SVI "
+            "runs such a model unchanged"
+        ) from error
 
 
 def _refuse_whole_model_autoguide(guide) -> None:

@@ -46,6 +46,7 @@ from pyrovae.evaluation.structure import (
     check_enumerable,
     check_model_sites,
     private_randomness,
+    self_subsampling_explained,
 )
 from pyrovae.models.base import LocalParamsModule
 from pyrovae.networks import MLP, positive_scale
@@ -115,8 +116,8 @@ def latent_sites(
     the guide can follow (see :func:`pyrovae.evaluation.structure.check_model_sites`), and,
     with ``discrete="amortize"``, its discrete ones (else they are left to enumeration)."""
     with private_randomness(args, kwargs), poutine.block(), torch.no_grad():
-        with pyro.get_param_store().scope():  # a function's pyro.param calls leave no trace
-            trace = poutine.trace(model).get_trace(*args, **kwargs)
+        with pyro.get_param_store().scope(), self_subsampling_explained(data_plate):
+            trace = poutine.trace(model).get_trace(*args, **kwargs)  # params leave no trace
     sites, discrete_sites, latent = [], [], 0
     for structure in check_model_sites(trace, data_plate):
         latent += not structure.observed
