@@ -295,12 +295,14 @@ def main(argv=None) -> list[dict]:
     print(f"data: {len(unlabelled_x)} unlabelled training images, labelled pool {len(pool[0])}"
           f" and held-out test {len(test[0])} (halves of the labelled test split)")
     if args.guide == "amortize":
-        classifier = f"guide q(y|x) q(z|x,y), alpha {args.classification_weight:g}; classifier q(y|x)"
+        classifier = (f"guide q(y|x) q(z|x,y), alpha {args.classification_weight:g};"
+                      " classifier q(y|x)")
     else:
-        classifier = f"label enumerated in the model; classifier p(y|x) by IS with K = {args.posterior_samples}"
-    print(f"M2: latent {args.latent}, hidden {args.hidden}, {objective(args)}, {args.epochs} epochs,"
-          f" batch {args.batch_size}, lr {args.learning_rate}, each labelled image"
-          f" {args.label_copies} time(s) in the training set; {classifier}"
+        classifier = ("label enumerated in the model; classifier p(y|x) by IS with"
+                      f" K = {args.posterior_samples}")
+    print(f"M2: latent {args.latent}, hidden {args.hidden}, {objective(args)},"
+          f" {args.epochs} epochs, batch {args.batch_size}, lr {args.learning_rate},"
+          f" each labelled image {args.label_copies} time(s) in the training set; {classifier}"
           f" on {min(args.test_points, len(test[0]))} test images;"
           f" log p(x) by IS with K = {args.is_samples} on"
           f" {args.is_points} test images")

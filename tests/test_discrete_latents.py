@@ -170,13 +170,16 @@ def test_m2_with_partial_labels_sums_the_missing_labels_exactly(float64):
         compile="none",
         progress=False,
     )
-    result = fitted.evaluate(
-        x, y, labelled, num_samples=2000, ks=(1,), seed=0, latent_diagnostics=False
-    )
+    result = fitted.evaluate(x, y, labelled, num_samples=2000, ks=(1,), seed=0)
     log_px, se = result.per_datapoint["log_px"], result.per_datapoint["log_px_se"]
     unlabelled = ~labelled.numpy()
     within_standard_errors(log_px[unlabelled], se[unlabelled], exact[unlabelled])
     within_standard_errors(log_px[~unlabelled], se[~unlabelled], exact[~unlabelled])
+    # Latent-use diagnostics (on by default) cover z; the summed-out label is not a code,
+    # and z's prior could depend on it, so no KL per dimension is claimed.
+    assert set(result.latent) == {"z"}
+    assert result.latent["z"].kl_per_dim is None
+    assert result.latent["z"].active_units == 2
 
 
 # --------------------------------------------------------------------------- refusals
@@ -329,13 +332,13 @@ def test_an_amortized_label_head_trains_with_traceenum_and_its_bounds_are_exact(
         compile="none",
         progress=False,
     )
-    result = fitted.evaluate(
-        x, y, labelled, num_samples=2000, ks=(1,), seed=0, latent_diagnostics=False
-    )
+    result = fitted.evaluate(x, y, labelled, num_samples=2000, ks=(1,), seed=0)
     log_px, se = result.per_datapoint["log_px"], result.per_datapoint["log_px_se"]
     unlabelled = ~labelled.numpy()
     within_standard_errors(log_px[unlabelled], se[unlabelled], exact[unlabelled])
     within_standard_errors(log_px[~unlabelled], se[~unlabelled], exact[~unlabelled])
+    assert set(result.latent) == {"z"}  # the sampled label is not diagnosed as a code
+    assert result.latent["z"].kl_per_dim is not None  # the guide samples y: nothing summed
     probabilities = guide.class_probabilities(x, y, labelled, site="y")
     assert probabilities.shape == (40, 3)
     assert torch.allclose(probabilities.sum(-1), torch.ones(40))
@@ -383,9 +386,7 @@ def test_a_labelled_points_latent_head_sees_its_observed_label(float64):
     """q(z | x, y) of a labelled point conditions on the label the model observes, whatever
     value the enumerated draw of the masked twin takes; unlabelled points see the draw."""
     x, y, labelled, _ = m2_data(6)
-    guide = AmortizedGuide(
-        m2, x[:3], y[:3], labelled[:3], hidden_sizes=(4,), discrete="amortize"
-    )
+    guide = AmortizedGuide(m2, x[:3], y[:3], labelled[:3], hidden_sizes=(4,), discrete="amortize")
     enumerated = pyro.poutine.enum(config_enumerate(guide), first_available_dim=-2)
     trace = pyro.poutine.trace(enumerated).get_trace(x, y, labelled)
     draws = trace.nodes["y_unobserved"]["value"]  # (3, 1): every class
@@ -396,5 +397,5 @@ def test_a_labelled_points_latent_head_sees_its_observed_label(float64):
         return guide.locs["z"](torch.cat([hidden, F.one_hot(labels, 3).to(x.dtype)], -1))
 
     assert torch.allclose(loc[:, labelled], head(y)[labelled].expand(3, -1, -1))
-    for c, row in zip(draws.reshape(-1).tolist(), loc):
+    for c, row in zip(draws.reshape(-1).tolist(), loc, strict=True):
         assert torch.allclose(row[~labelled], head(torch.full_like(y, c))[~labelled])

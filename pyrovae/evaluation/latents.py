@@ -33,7 +33,8 @@ class LatentUse:
     ----------
     kl_per_dim : numpy.ndarray or None
         Mean over data points of KL(q(z_d | x) || p(z_d)) in nats, per dimension; ``None``
-        when the pair has no closed form per dimension.
+        when the pair has no closed form per dimension, or when the model has discrete
+        sites it sums out (enumerates): the prior of z may then depend on them.
     mean_variance : numpy.ndarray
         Cov_x(E_q[z_d | x]): variance over data points of the posterior mean, per dimension.
     active_units : int
@@ -143,7 +144,7 @@ def latent_use(
         ]
         results = {
             name: _site_use([piece[name] for piece in pieces], max_pairs) for name in pieces[0]
-        }
+        }  # empty where every latent site is discrete
     return results
 
 
@@ -152,12 +153,28 @@ def _chunks(total: int, size: int) -> list[slice]:
 
 
 def _site_distributions(model, guide, args: tuple, kwargs: dict) -> dict[str, tuple]:
-    """(guide distribution, prior distribution) of each latent site, for one chunk."""
+    """(guide distribution, prior distribution or None) of each continuous latent site the
+    guide samples, for one chunk. Discrete sites are not diagnosed (neither those the model
+    sums out nor those the guide samples); where the model sums some out, the prior of a
+    continuous site may depend on them, so its prior is None (no KL per dimension)."""
     with poutine.block():
         model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
-    _check_site_names(model_sites, guide_sites)
-    return {name: (site["fn"], model_sites[name]["fn"]) for name, site in guide_sites.items()}
+    enumerated = [
+        name
+        for name, site in model_sites.items()
+        if not site["is_observed"] and name not in guide_sites and _discrete(site["fn"])
+    ]
+    _check_site_names(model_sites, guide_sites, enumerated)
+    return {
+        name: (site["fn"], None if enumerated else model_sites[name]["fn"])
+        for name, site in guide_sites.items()
+        if not _discrete(site["fn"])
+    }
+
+
+def _discrete(fn) -> bool:
+    return bool(getattr(fn, "has_enumerate_support", False))
 
 
 def _bounded_means(guide_fn, max_pairs: int, num_draws: int = 256) -> torch.Tensor:
@@ -182,7 +199,10 @@ def _site_use(pieces: list[tuple], max_pairs: int) -> LatentUse:
     )
     count = means.shape[0]
     variance = means.var(0) if count > 1 else torch.zeros(means.shape[1], dtype=torch.float64)
-    kls = [per_dimension_kl(guide_fn, prior_fn) for guide_fn, prior_fn in pieces]
+    kls = [
+        None if prior_fn is None else per_dimension_kl(guide_fn, prior_fn)
+        for guide_fn, prior_fn in pieces
+    ]
     kl = None if any(k is None for k in kls) else torch.cat(kls).double().mean(0)
     return LatentUse(
         kl_per_dim=None if kl is None else kl.cpu().numpy(),

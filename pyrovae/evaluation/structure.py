@@ -199,8 +199,13 @@ def check_structure(
     # In eval mode: dropout draws differ between the vectorized and one-draw runs, and
     # BatchNorm must not update its running statistics on a probe.
     quiet = evaluation_mode(model, guide, warn=False)
-    with quiet, private_randomness(args, kwargs), torch.no_grad(), poutine.block(), \
-            self_subsampling_explained(data_plate):
+    with (
+        quiet,
+        private_randomness(args, kwargs),
+        torch.no_grad(),
+        poutine.block(),
+        self_subsampling_explained(data_plate),
+    ):
         if max_plate_nesting is None:
             max_plate_nesting = guess_max_plate_nesting(model, guide, *args, **kwargs)
         model_trace, guide_trace = trace_pair(model, guide, args, kwargs)
@@ -228,8 +233,9 @@ def self_subsampling_explained(data_plate: str):
     try:
         yield
     except ValueError as error:
-        found = re.search(r"subsample_size does not match len\(subsample\), (\d+) vs (\d+)",
-                          str(error))
+        found = re.search(
+            r"subsample_size does not match len\(subsample\), (\d+) vs (\d+)", str(error)
+        )
         if found is None:
             raise
         wanted, given = found.groups()

@@ -208,8 +208,9 @@ class AmortizedGuide(LocalParamsModule):
         sums it out exactly in the model (any objective, AIS). ``"amortize"``: a categorical
         head q(y | x), sampled with ``infer={"enumerate": "parallel"}``, and every
         continuous head then sees [features, onehot(y)] (q(z | x, y), Kingma et al.'s M2
-        guide; y is the observed label at the points where the model observes the site); train it with ``objective="traceenum_elbo"`` (Pyro's TraceEnum_ELBO sums y
-        in the guide); ``evaluate`` importance-samples y from q(y | x); reparameterized
+        guide; y is the observed label at the points where the model observes the site);
+        train it with ``objective="traceenum_elbo"`` (Pyro's TraceEnum_ELBO sums y in the
+        guide); ``evaluate`` importance-samples y from q(y | x); reparameterized
         objectives and AIS refuse a sampled discrete guide site.
     classification_weight : float
         With ``discrete="amortize"``, Kingma et al.'s classification term: in training mode
