@@ -2,9 +2,10 @@
 training, no evaluation.
 
 * every ``--flag`` of every command block exists in the script it runs;
-* section 1a quotes its numbers as ``[x]{.printed}``, each of which is in the stored output of
-  its command (``experiments/seed_replicates/output.txt``), and that command is the one the
-  page shows;
+* sections 1a and 5 quote their numbers as ``[x]{.printed}``, each of which is in the stored
+  output of their commands (``experiments/seed_replicates/output.txt``,
+  ``experiments/ss_vae/output.txt`` and Pyro's example's output beside it), and those
+  commands are the ones the page shows;
 * the published model files have the sha256 the stored output and the page give.
 """
 
@@ -51,6 +52,22 @@ def test_section_1a_quotes_only_what_its_command_printed():
         assert re.search(rf"(?<![\w.]){re.escape(value)}(?![\w]|\.\d)", stored), value
     assert "experiments/seed_replicates.py" in section
     assert "(no printed command)" not in section  # every number here has its command
+
+
+def test_section_5_quotes_only_what_its_commands_printed():
+    text = RESULTS.read_text()
+    section = text[text.index("## 5.") :]
+    folder = PROJECT_ROOT / "experiments" / "ss_vae"
+    stored = "\n".join(
+        (folder / name).read_text() for name in ("output.txt", "pyro_example_output.txt")
+    )
+    quoted = QUOTED.findall(section)
+    assert len(quoted) >= 40, quoted
+    for value in quoted:
+        assert re.search(rf"(?<![\w.]){re.escape(value)}(?![\w]|\.\d)", stored), value
+    shown = {" ".join(command.split()) for command in commands()}
+    ran = re.findall(r"^\$ (.*)$", (folder / "output.txt").read_text(), re.M)
+    assert len(ran) == 4 and all(" ".join(command.split()) in shown for command in ran), ran
 
 
 def test_the_published_model_files_have_their_checksums():
