@@ -4,6 +4,7 @@ the plate over data points that the built-in models and guides share."""
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import pyro
@@ -44,8 +45,12 @@ class ModuleParamSites(Messenger):
     Under ``module_local_params=True`` a :class:`PyroModule` announces each plain
     ``nn.Parameter`` with a stand-in ``param`` statement whose value is the bare parameter,
     which has no ``.unconstrained``; ``SVI.step`` then fails. This handler answers such a
-    statement with :func:`unconstrained_handle` (the module itself ignores the statement's
-    value). Constrained ``PyroParam`` values and real ``pyro.param`` calls pass unchanged.
+    statement with :func:`unconstrained_handle` when the module reads the parameter (it
+    ignores the statement's value then), and with the parameter itself when the module is
+    creating it (``PyroModule.__setattr__`` stores the statement's value: a handle there
+    would replace the parameter by a detached tensor that no optimizer sees, as Pyro's
+    ``AutoMultivariateNormal`` does with its ``loc`` on its first call). Constrained
+    ``PyroParam`` values and real ``pyro.param`` calls pass unchanged.
     The statement's function is wrapped rather than its value set, so that handlers outside
     (``poutine.lift`` turning parameters into sample sites) still decide what it returns.
     """
@@ -63,10 +68,26 @@ def with_handle(statement):
     def answer(*args, **kwargs):
         value = statement(*args, **kwargs)
         if isinstance(value, torch.nn.Parameter) and not hasattr(value, "unconstrained"):
+            if _inside_module_setattr():
+                return value
             return unconstrained_handle(value)
         return value
 
     return answer
+
+
+def _inside_module_setattr(depth: int = 12) -> bool:
+    """Whether ``PyroModule.__setattr__`` is among the nearest ``depth`` callers: the
+    statement then announces a parameter being created, whose value the module stores."""
+    target = PyroModule.__setattr__.__code__
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if frame.f_code is target:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class LocalParamsModule(PyroModule):

@@ -39,17 +39,33 @@ from pyrovae.models.base import LocalParamsModule, ModuleParamSites
 def global_site_names(model: Callable, *args, data_plate: str = "data", **kwargs) -> list[str]:
     """Names of ``model``'s latent sites outside the plate ``data_plate``, in order (one run
     of the model on private random streams)."""
+    return _latent_site_names(model, args, kwargs, data_plate)[0]
+
+
+def _latent_site_names(
+    model: Callable, args: tuple, kwargs: dict, data_plate: str
+) -> tuple[list[str], list[str]]:
+    """(global, local) latent site names of one run of ``model`` on private random streams:
+    outside and inside the plate ``data_plate``."""
     with private_randomness(args, kwargs), poutine.block(), torch.no_grad():
         with pyro.get_param_store().scope():  # a function's pyro.param calls leave no trace
             trace = poutine.trace(model).get_trace(*args, **kwargs)
-    return [
-        name
+    latent = [
+        (name, data_plate in {f.name for f in site["cond_indep_stack"]})
         for name, site in prune_subsample_sites(trace).nodes.items()
         if site["type"] == "sample"
         and not site["is_observed"]
         and not site["infer"].get("_deterministic")
-        and data_plate not in {f.name for f in site["cond_indep_stack"]}
     ]
+    return [n for n, local in latent if not local], [n for n, local in latent if local]
+
+
+class NoLocalSites(torch.nn.Module):
+    """The local guide of a model whose latent sites are all global (a hierarchical model
+    whose group effects sit outside the data plate): it samples nothing."""
+
+    def forward(self, *args, **kwargs) -> None:
+        return None
 
 
 class ConditionedOnGlobals:
@@ -91,7 +107,8 @@ class HybridGuide(LocalParamsModule):
     local_guide : callable, optional
         A guide for the local sites, all inside ``data_plate``; by default an
         :class:`AmortizedGuide` of the model with the global sites hidden, built with
-        ``hidden_sizes``, ``activation`` and ``encoder_input``.
+        ``hidden_sizes``, ``activation`` and ``encoder_input``, or, where the model has no
+        local latent site, :class:`NoLocalSites`.
     data_plate : str
         Name of the model's plate over data points.
     """
@@ -109,7 +126,7 @@ class HybridGuide(LocalParamsModule):
         **example_kwargs,
     ):
         super().__init__()
-        names = global_site_names(model, *example_args, data_plate=data_plate, **example_kwargs)
+        names, local_names = _latent_site_names(model, example_args, example_kwargs, data_plate)
         if not names:
             raise ValueError(
                 f"the model has no latent site outside the data plate {data_plate!r}: every "
@@ -120,7 +137,9 @@ class HybridGuide(LocalParamsModule):
         with pyro.settings.context(module_local_params=True):
             if isinstance(global_guide, type):
                 global_guide = global_guide(poutine.block(model, expose=list(names)))
-            if local_guide is None:
+            if local_guide is None and not local_names:
+                local_guide = NoLocalSites()
+            elif local_guide is None:
                 local_guide = AmortizedGuide(
                     poutine.block(model, hide=list(names)),
                     *example_args,
@@ -203,4 +222,4 @@ def is_hybrid(guide) -> bool:
     return isinstance(guide, HybridGuide)
 
 
-__all__ = ["ConditionedOnGlobals", "HybridGuide", "global_site_names", "is_hybrid"]
+__all__ = ["ConditionedOnGlobals", "HybridGuide", "NoLocalSites", "global_site_names", "is_hybrid"]
