@@ -18,7 +18,31 @@ from pyrovae.evaluation.traces import (
 )
 
 
-class ParticleObjective(pyro.infer.ELBO):
+class DifferentiableLossELBO(pyro.infer.ELBO):
+    """A Pyro ELBO whose :meth:`loss` and :meth:`loss_and_grads` come from its
+    ``differentiable_loss`` (minus the bound, nats), as :class:`pyro.infer.SVI` calls them."""
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """The loss as a float (nats), without gradients; warns on NaN as Pyro's ELBOs do."""
+        with torch.no_grad():
+            value = float(self.differentiable_loss(model, guide, *args, **kwargs))
+        warn_if_nan(value, "loss")
+        return value
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """The loss as a float (nats), after accumulating its gradients into ``.grad``.
+
+        As Pyro's ELBOs, with nothing trainable (a loss without autograd history) no
+        backward pass runs and the loss is returned; a NaN loss warns."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        if loss.requires_grad:
+            loss.backward(retain_graph=self.retain_graph)
+        value = float(loss.detach())
+        warn_if_nan(value, "loss")
+        return value
+
+
+class ParticleObjective(DifferentiableLossELBO):
     """A variational objective computed from K vectorized draws z_k ~ q(z | x_n) per data point.
 
     Subclasses implement :meth:`surrogate`, returning for each data point a tensor whose
@@ -214,25 +238,6 @@ class ParticleObjective(pyro.infer.ELBO):
         total = self.surrogate(traces).sum()
         outer = traces.outer_scale
         return -total if _is_one(outer) else -(total * outer)
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        """The loss as a float (nats), without gradients; warns on NaN as Pyro's ELBOs do."""
-        with torch.no_grad():
-            value = float(self.differentiable_loss(model, guide, *args, **kwargs))
-        warn_if_nan(value, "loss")
-        return value
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """The loss as a float (nats), after accumulating its gradients into ``.grad``.
-
-        As Pyro's ELBOs, with nothing trainable (a loss without autograd history) no
-        backward pass runs and the loss is returned; a NaN loss warns."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        value = float(loss.detach())
-        warn_if_nan(value, "loss")
-        return value
 
 
 def _is_one(scale) -> bool:

@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import numbers
 
-import pyro.infer
 import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import warn_if_nan
 
 from pyrovae.models.hybrid import ConditionedOnGlobals, is_hybrid
 from pyrovae.objectives import OBJECTIVES
-from pyrovae.objectives.base import ParticleObjective
+from pyrovae.objectives.base import DifferentiableLossELBO, ParticleObjective
 from pyrovae.objectives.elbo import MonteCarloELBO
 
 
@@ -69,7 +67,7 @@ def as_particle_objective(objective, data_plate: str = "data") -> ParticleObject
     )
 
 
-class GlobalLatentELBO(pyro.infer.ELBO):
+class GlobalLatentELBO(DifferentiableLossELBO):
     """Per-datapoint ELBO with global latent sites: ELBO_n(theta) + (log p(theta) -
     log q(theta)) / N for one theta ~ q(theta) per step (module docstring).
 
@@ -155,22 +153,6 @@ class GlobalLatentELBO(pyro.infer.ELBO):
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("GlobalLatentELBO traces through its local objective")
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        """The loss as a float (nats), without gradients."""
-        with torch.no_grad():
-            value = float(self.differentiable_loss(model, guide, *args, **kwargs))
-        warn_if_nan(value, "loss")
-        return value
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
-        """The loss as a float (nats), after accumulating its gradients into ``.grad``."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward()
-        value = float(loss.detach())
-        warn_if_nan(value, "loss")
-        return value
 
 
 def guide_log_q(guide_trace) -> torch.Tensor:
