@@ -297,8 +297,8 @@ def grouped_model(y, group):
         pyro.sample("obs", dist.Normal(alpha[..., group], 0.8), obs=y)
 
 
-def grouped_exact(y, group) -> tuple[float, torch.Tensor]:
-    """log p(Y) and the posterior mean of (mu, alpha): a Gaussian linear model."""
+def grouped_exact(y, group) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """log p(Y), and the posterior mean and sds of (mu, alpha): a Gaussian linear model."""
     prior = torch.full((5, 5), 25.0, dtype=torch.float64)
     prior[1:, 1:] += torch.eye(4, dtype=torch.float64)
     design = torch.zeros(len(y), 5, dtype=torch.float64)
@@ -307,7 +307,7 @@ def grouped_exact(y, group) -> tuple[float, torch.Tensor]:
     log_py = dist.MultivariateNormal(torch.zeros(len(y), dtype=torch.float64), covariance)
     precision = torch.linalg.inv(prior) + design.T @ design / 0.64
     mean = torch.linalg.solve(precision, design.T @ y / 0.64)
-    return float(log_py.log_prob(y)), mean
+    return float(log_py.log_prob(y)), mean, torch.linalg.inv(precision).diagonal().sqrt()
 
 
 @pytest.mark.parametrize("autoguide", ["AutoMultivariateNormal", "AutoLowRankMultivariateNormal"])
@@ -330,16 +330,16 @@ def test_a_model_with_only_global_latents_trains_every_parameter_of_its_autoguid
     fitted.fit((y, group), epochs=400, batch_size=40, learning_rate=2e-2, progress=False)
     after = dict(guide.global_guide.named_parameters())
     assert all(not torch.equal(before[n], after[n]) for n in before), sorted(before)
-    exact_log_py, exact_mean = grouped_exact(y, group)
+    exact_log_py, exact_mean, posterior_sd = grouped_exact(y, group)
     estimate = log_marginal_likelihood(
         grouped_model, guide, y, group, num_global=2000, num_local=1, seed=0
     )
     assert abs(estimate.log_px - exact_log_py) < 4 * estimate.se + 1e-6
-    # The fitted mean carries Adam's noise at this step size (about 0.1 posterior sd here).
-    posterior_sd = 0.52  # of mu, the widest coordinate: sqrt((1 + 0.064) / 4)
+    # The fitted mean carries Adam's noise at this step size (about 0.1 posterior sd of mu,
+    # the widest coordinate, here); the exact check above is log p(Y).
     median = guide.plug_in(y, group)
     fitted_mean = torch.cat([median["mu"].reshape(1), median["alpha"]])
-    assert (fitted_mean - exact_mean).abs().max() < 0.3 * posterior_sd, fitted_mean
+    assert (fitted_mean - exact_mean).abs().max() < 0.3 * posterior_sd.max(), fitted_mean
 
 
 @pytest.mark.parametrize("objective", ["trace_meanfield_elbo", "stl"])
